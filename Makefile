@@ -1,0 +1,27 @@
+# `make demo` and `make test` each create .venv when it is missing and install what they need.
+# TORCH_PIN pins the torch build that this project's machines carry on disk; elsewhere
+# `make TORCH_PIN=` lets pip pick any torch that pyproject.toml admits.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.fxgndi-installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(if $(strip $(TORCH_PIN)),$(VENV)/bin/pip install -q $(TORCH_PIN))
+	$(VENV)/bin/pip install -q -e '.[test,figures,onnx]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fxgndi demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/scoring_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

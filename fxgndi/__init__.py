@@ -1,0 +1,25 @@
+"""fxgndi: causal layer and channel importance (G-NDI) on torch.fx.
+
+Example:
+    >>> import torch, torchvision, fxgndi
+    >>> model = torchvision.models.resnet18(num_classes=10)
+    >>> data = [torch.randn(8, 3, 32, 32)]
+    >>> scores = fxgndi.score(model, data, sites="conv", progress=False)
+    >>> exact = fxgndi.ablate(model, data, sites="conv", metric="logit_l2", progress=False)
+"""
+
+from .baselines import calibrate
+from .errors import (DataError, FxgndiError, NonFiniteError, SiteSelectionError,
+                     UntraceableModelError)
+from .estimate import ablate, readout, score
+from .graph import InterventionGraph, intervene, trace
+from .scores import Scores
+from .sites import Site
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ablate", "calibrate", "intervene", "readout", "score", "trace",
+    "InterventionGraph", "Scores", "Site",
+    "DataError", "FxgndiError", "NonFiniteError", "SiteSelectionError", "UntraceableModelError",
+]

@@ -1,0 +1,386 @@
+"""G-NDI estimators (reverse, forward, probes; path steps; readouts) and exact ablations.
+
+Everything runs on one :class:`~fxgndi.graph.InterventionGraph`:
+
+* reverse mode: K vector-Jacobian products w.r.t. every alpha at once (``torch.func.vjp``
+  under ``vmap`` over one-hot output cotangents), whatever the number of sites or channels;
+* forward mode: one ``torch.func.jvp`` per site or channel (``vmap`` over one-hot tangents),
+  also the engine of the path-integrated estimator, whose points differ per site;
+* probes (p = 2): ``E_z[(z^T J v)^2] = ||J v||^2`` with Rademacher ``z``, for wide heads;
+* ablation: ``alpha = 1`` for one site (or channel) at a time, batched with ``vmap``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import DataError, NonFiniteError
+from .graph import InterventionGraph, eval_mode, intervene
+from .scores import Scores, Unit
+from .sites import SiteSpec
+from .streams import RunningMoments, first_batch, iter_batches
+
+READOUTS = ("logits", "probs", "loss", "margin")
+MODES = ("auto", "reverse", "forward", "probe")
+METRICS = ("accuracy", "loss", "logit_l2", "kl")
+_SAMPLES_PER_CHUNK = 256  # vmapped batch size (chunk x B) kept under this by default
+
+
+def readout(logits: torch.Tensor, y: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """The output whose change G-NDI measures, shape [B, K].
+
+    ``logits`` [B, K]; ``probs`` softmax [B, K]; ``loss`` per-sample cross-entropy [B, 1];
+    ``margin`` true-class logit minus the best other logit [B, 1].
+
+    Example:
+        >>> readout(torch.tensor([[2.0, 0.0]]), torch.tensor([0]), "margin")
+        tensor([[2.]])
+    """
+    if kind == "logits":
+        return logits
+    if kind == "probs":
+        return logits.softmax(-1)
+    if kind not in READOUTS:
+        raise ValueError(f"unknown readout {kind!r}: use one of {READOUTS}")
+    if y is None:
+        raise DataError(f"readout '{kind}' needs labels: pass batches of (x, y)")
+    if kind == "loss":
+        return F.cross_entropy(logits, y, reduction="none").unsqueeze(-1)
+    true = logits.gather(-1, y.unsqueeze(-1))
+    others = logits.masked_fill(F.one_hot(y, logits.shape[-1]).bool(), -math.inf)
+    return true - others.amax(-1, keepdim=True)
+
+
+def score(model: nn.Module | InterventionGraph, data: Iterable, *, sites: SiteSpec = "conv",
+          granularity: str = "layer", baseline: Any = "zero", p: float = 2, steps: int = 1,
+          readout: str = "logits", mode: str = "auto", chunk_size: int | None = None,
+          probes: int = 64, seed: int = 0, device: torch.device | str | None = None,
+          max_batches: int | None = None, progress: bool = True,
+          leaf_modules: Sequence[str | type] = ()) -> Scores:
+    """G-NDI importance of every site (or channel): ``E_x || d f(x) / d alpha ||_p``.
+
+    Args:
+        model: a traceable model (never modified), or an InterventionGraph to reuse (then
+            ``sites``, ``granularity`` and ``baseline`` are taken from it).
+        data: DataLoader or iterable of ``(x, y)`` or ``x``; labels only for loss/margin.
+        steps: 1 is the paper's first-order G-NDI; ``m`` averages the tangent at the path
+            midpoints ``(j + 1/2) / m`` before the norm (converges to the exact effect).
+        readout: ``logits``, ``probs``, ``loss`` (per-sample CE) or ``margin``.
+        mode: ``reverse`` (K VJPs), ``forward`` (one JVP per unit), ``probe`` (``probes``
+            Rademacher VJPs, p = 2 only) or ``auto`` (the cheapest exact one).
+        chunk_size: units (forward) or cotangents (reverse) per vmap call.
+
+    Example:
+        >>> import torchvision
+        >>> m = torchvision.models.resnet18(num_classes=10)
+        >>> s = score(m, [torch.randn(4, 3, 32, 32)], sites="conv", progress=False)
+        >>> len(s.values)
+        20
+    """
+    _check_choice("readout", readout, READOUTS)
+    _check_choice("mode", mode, MODES)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, not {steps}")
+    if p <= 0:
+        raise ValueError(f"p must be positive, not {p}")
+    if mode == "probe" and p != 2:
+        raise ValueError("probe mode estimates the 2-norm only: use p=2 or mode='reverse'")
+    if mode in ("reverse", "probe") and steps > 1:
+        raise ValueError("path integration evaluates each site at its own point on the path: "
+                         "use mode='forward' or 'auto' with steps > 1")
+    start = time.perf_counter()
+    graph, device = _prepare(model, data, sites, granularity, baseline, device, leaf_modules,
+                             progress)
+    units = _all_units(graph)
+    stats = RunningMoments()
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    chosen = mode
+    with eval_mode(graph), _attention_math_backend(), torch.no_grad():
+        batches = iter_batches(data, device=device, need_labels=readout in ("loss", "margin"),
+                               why=f"readout '{readout}'")
+        for i, (x, y) in enumerate(tqdm(batches, desc="G-NDI", disable=not progress)):
+            if max_batches is not None and i >= max_batches:
+                break
+            if chosen == "auto":
+                k_out = _readout_width(graph, x, y, readout)
+                chosen = "forward" if steps > 1 or len(units) < k_out else "reverse"
+            if chosen == "reverse":
+                norms = _norms_of(reverse_tangents(graph, x, y, readout, chunk_size), units, p)
+            elif chosen == "probe":
+                norms = _probe_norms(graph, x, y, readout, probes, chunk_size, generator, units)
+            else:
+                tangents = [forward_tangents(graph, x, y, readout, units, (j + 0.5) / steps
+                                             if steps > 1 else 0.0, chunk_size)
+                            for j in range(steps)]
+                mean_tangent = torch.stack(tangents).mean(0)
+                norms = torch.linalg.vector_norm(mean_tangent, ord=p, dim=-1)
+            _check_finite(norms, units, "G-NDI tangents")
+            stats.update(norms)
+    meta = {"readout": readout, "p": p, "steps": steps, "mode": chosen,
+            "baseline": baseline if isinstance(baseline, str) else "custom",
+            "granularity": graph.granularity}
+    return Scores(units, stats.mean.numpy(), stats.stderr.numpy(), stats.count, "gndi",
+                  time.perf_counter() - start, meta)
+
+
+def ablate(model: nn.Module | InterventionGraph, data: Iterable, *, sites: SiteSpec = "conv",
+           granularity: str = "layer", baseline: Any = "zero", metric: str = "accuracy",
+           channels: Sequence[tuple[str, int]] | None = None, chunk_size: int | None = None,
+           device: torch.device | str | None = None, max_batches: int | None = None,
+           progress: bool = True, leaf_modules: Sequence[str | type] = ()) -> Scores:
+    """The exact effect of ``do(h := b)`` (alpha = 1) at each site, or each listed channel.
+
+    Metrics: ``accuracy`` (drop in top-1 accuracy), ``loss`` (increase in mean cross-entropy),
+    ``logit_l2`` (E_x of the L2 norm of the change of the logits), ``kl``
+    (E_x KL(p_original || p_intervened)). Interventions are batched with ``vmap``.
+
+    Example:
+        >>> import torchvision
+        >>> m = torchvision.models.resnet18(num_classes=10)
+        >>> a = ablate(m, [torch.randn(4, 3, 32, 32)], sites="layer4.*", metric="logit_l2",
+        ...            progress=False)
+        >>> a.names[:2]
+        ['layer4.0.conv1', 'layer4.0.bn1']
+    """
+    _check_choice("metric", metric, METRICS)
+    if channels is not None:
+        granularity = "channel"
+    start = time.perf_counter()
+    graph, device = _prepare(model, data, sites, granularity, baseline, device, leaf_modules,
+                             progress)
+    units = _all_units(graph) if channels is None else _check_units(graph, channels)
+    stats = RunningMoments()
+    with eval_mode(graph), torch.no_grad():
+        batches = iter_batches(data, device=device, need_labels=metric in ("accuracy", "loss"),
+                               why=f"metric '{metric}'")
+        for i, (x, y) in enumerate(tqdm(batches, desc="ablate", disable=not progress)):
+            if max_batches is not None and i >= max_batches:
+                break
+            reference = graph(x)
+            effects = [_effect(reference, out, y, metric)
+                       for out in ablated_outputs(graph, x, units, chunk_size)]
+            values = torch.cat(effects, 0).T  # [B, units]
+            _check_finite(values, units, "ablation effects")
+            stats.update(values)
+    meta = {"metric": metric, "baseline": baseline if isinstance(baseline, str) else "custom",
+            "granularity": graph.granularity}
+    return Scores(units, stats.mean.numpy(), stats.stderr.numpy(), stats.count, "ablation",
+                  time.perf_counter() - start, meta)
+
+
+def reverse_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None,
+                     kind: str = "logits", chunk_size: int | None = None,
+                     cotangents: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Tangents ``d readout / d alpha`` of every site at alpha = 0, by K reverse passes.
+
+    Returns site name -> [B, K] (layer) or [B, C, K] (channel). With ``cotangents`` [R, B, K]
+    (e.g. random probes) the last dim is R projections instead of K outputs.
+
+    Example:
+        >>> g = intervene(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)), sites="linear")
+        >>> reverse_tangents(g, torch.randn(4, 3), None)["0"].shape
+        torch.Size([4, 2])
+    """
+    alphas = _zero_alphas(graph, x)
+
+    def f(a: dict[str, torch.Tensor]) -> torch.Tensor:
+        return readout(graph(x, alphas=a), y, kind)
+
+    out, vjp_fn = torch.func.vjp(f, alphas)
+    if cotangents is None:
+        k = out.shape[-1]
+        eye = torch.eye(k, dtype=out.dtype, device=out.device)
+        cotangents = eye[:, None, :].expand(k, out.shape[0], k)
+    chunk = chunk_size or max(1, _SAMPLES_PER_CHUNK // x.shape[0])
+    (grads,) = torch.func.vmap(vjp_fn, chunk_size=chunk)(cotangents)
+    return {name: g.movedim(0, -1) for name, g in grads.items()}
+
+
+def forward_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None,
+                     kind: str, units: Sequence[Unit], t: float = 0.0,
+                     chunk_size: int | None = None) -> torch.Tensor:
+    """Tangent ``d readout / d alpha_u`` of each unit at ``alpha_u = t`` (others 0): [B, U, K].
+
+    One JVP per unit, ``vmap``-ed over chunks of units.
+
+    Example:
+        >>> g = intervene(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)), sites="linear")
+        >>> forward_tangents(g, torch.randn(4, 3), None, "logits", [("0", None)]).shape
+        torch.Size([4, 1, 2])
+    """
+    def f(a: dict[str, torch.Tensor]) -> torch.Tensor:
+        return readout(graph(x, alphas=a), y, kind)
+
+    def jvp(primal, tangent):
+        return torch.func.jvp(f, (primal,), (tangent,))[1]
+
+    chunk = chunk_size or max(1, _SAMPLES_PER_CHUNK // x.shape[0])
+    outs = []
+    for lo in range(0, len(units), chunk):
+        tangents = _one_hot_alphas(graph, x, units[lo:lo + chunk])
+        primals = {name: v * t for name, v in tangents.items()}
+        outs.append(torch.func.vmap(jvp)(primals, tangents))  # [U, B, K]
+    return torch.cat(outs, 0).movedim(0, 1)
+
+
+def ablated_outputs(graph: InterventionGraph, x: torch.Tensor, units: Sequence[Unit],
+                    chunk_size: int | None = None) -> Iterable[torch.Tensor]:
+    """Model outputs with ``alpha_u = 1`` for each unit in turn, as chunks of [U, B, K].
+
+    Example:
+        >>> g = intervene(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)), sites="linear")
+        >>> next(iter(ablated_outputs(g, torch.randn(4, 3), [("1", None)])))
+        tensor(...)  # doctest: +SKIP
+    """
+    chunk = chunk_size or max(1, _SAMPLES_PER_CHUNK // x.shape[0])
+    for lo in range(0, len(units), chunk):
+        alphas = _one_hot_alphas(graph, x, units[lo:lo + chunk])
+        yield torch.func.vmap(lambda a: graph(x, alphas=a))(alphas)
+
+
+def _prepare(model, data, sites, granularity, baseline, device, leaf_modules, progress):
+    """The InterventionGraph to work on, on the right device, with shapes and baselines."""
+    if isinstance(model, InterventionGraph):
+        graph = model
+        target = torch.device(device) if device is not None else _device_of(graph)
+        if target != _device_of(graph):
+            raise ValueError("an InterventionGraph is used on its own device; build it on "
+                             f"{target} (move the model there first)")
+        if any(s.shape is None for s in graph.sites):
+            with eval_mode(graph):
+                graph.describe(first_batch(iter_batches(data, device=target)))
+        return graph, target
+    target = torch.device(device) if device is not None else _device_of(model)
+    if target != _device_of(model):
+        model = copy.deepcopy(model).to(target)  # never move the user's model
+    example = first_batch(iter_batches(data, device=target))
+    graph = intervene(model, sites, granularity=granularity, baseline=baseline, data=data,
+                      example_inputs=example, leaf_modules=leaf_modules, progress=progress)
+    return graph, target
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _all_units(graph: InterventionGraph) -> list[Unit]:
+    if graph.granularity == "layer":
+        return [(s.name, None) for s in graph.sites]
+    return [(s.name, c) for s in graph.sites for c in range(s.channels)]
+
+
+def _check_units(graph: InterventionGraph, channels: Sequence[tuple[str, int]]) -> list[Unit]:
+    sizes = {s.name: s.channels for s in graph.sites}
+    units = []
+    for site, c in channels:
+        if site not in sizes:
+            raise ValueError(f"channel ({site!r}, {c}) names no selected site; sites: "
+                             f"{', '.join(sizes)}")
+        if not 0 <= int(c) < sizes[site]:
+            raise ValueError(f"channel {c} is out of range for site '{site}' with "
+                             f"{sizes[site]} channels")
+        units.append((site, int(c)))
+    return units
+
+
+def _zero_alphas(graph: InterventionGraph, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    b = x.shape[0]
+    dtype = next(graph.parameters()).dtype if any(True for _ in graph.parameters()) \
+        else torch.float32
+    if graph.granularity == "layer":
+        return {s.name: torch.zeros(b, dtype=dtype, device=x.device) for s in graph.sites}
+    return {s.name: torch.zeros(b, s.channels, dtype=dtype, device=x.device)
+            for s in graph.sites}
+
+
+def _one_hot_alphas(graph: InterventionGraph, x: torch.Tensor,
+                    units: Sequence[Unit]) -> dict[str, torch.Tensor]:
+    """Alphas batched over units: entry u is 1 at unit u and 0 elsewhere, shape [U, B(, C)]."""
+    zeros = _zero_alphas(graph, x)
+    involved = {s for s, _ in units}
+    alphas = {name: z.unsqueeze(0).repeat(len(units), *([1] * z.dim()))
+              for name, z in zeros.items() if name in involved}
+    for u, (site, c) in enumerate(units):
+        if c is None:
+            alphas[site][u] = 1
+        else:
+            alphas[site][u, :, c] = 1
+    return alphas
+
+
+def _norms_of(tangents: dict[str, torch.Tensor], units: Sequence[Unit],
+              p: float) -> torch.Tensor:
+    """Per-sample p-norms [B, U] of the tangents of ``units`` (in units order)."""
+    per_site = {name: torch.linalg.vector_norm(t, ord=p, dim=-1) for name, t in tangents.items()}
+    cols = [per_site[s] if c is None else per_site[s][:, c] for s, c in units]
+    return torch.stack(cols, 1)
+
+
+def _probe_norms(graph, x, y, kind, probes, chunk_size, generator, units) -> torch.Tensor:
+    """Rademacher estimate of the per-sample 2-norms: sqrt(mean_r (z_r^T J v)^2)."""
+    with torch.no_grad():
+        k = readout(graph(x), y, kind).shape[-1]
+    z = torch.randint(0, 2, (probes, x.shape[0], k), generator=generator).to(x.device)
+    z = (2 * z - 1).to(next(graph.parameters()).dtype)
+    projections = reverse_tangents(graph, x, y, kind, chunk_size, cotangents=z)
+    rms = {name: t.pow(2).mean(-1).sqrt() for name, t in projections.items()}
+    cols = [rms[s] if c is None else rms[s][:, c] for s, c in units]
+    return torch.stack(cols, 1)
+
+
+def _readout_width(graph: InterventionGraph, x, y, kind: str) -> int:
+    with torch.no_grad():
+        return readout(graph(x[:1]), None if y is None else y[:1], kind).shape[-1]
+
+
+def _effect(reference: torch.Tensor, ablated: torch.Tensor, y: torch.Tensor | None,
+            metric: str) -> torch.Tensor:
+    """Per-sample effect [U, B] of each intervention on the outputs ``ablated`` [U, B, K]."""
+    if metric == "logit_l2":
+        return torch.linalg.vector_norm(ablated - reference, dim=-1)
+    if metric == "kl":
+        log_p = reference.log_softmax(-1)
+        return (log_p.exp() * (log_p - ablated.log_softmax(-1))).sum(-1)
+    if metric == "accuracy":
+        correct = (reference.argmax(-1) == y).to(reference.dtype)
+        return correct - (ablated.argmax(-1) == y).to(reference.dtype)
+    ce = F.cross_entropy(ablated.flatten(0, 1), y.repeat(ablated.shape[0]), reduction="none")
+    return ce.view(ablated.shape[:2]) - F.cross_entropy(reference, y, reduction="none")
+
+
+def _check_finite(values: torch.Tensor, units: Sequence[Unit], what: str) -> None:
+    bad = ~torch.isfinite(values).all(0)
+    if bool(bad.any()):
+        names = [f"{s}" if c is None else f"{s}[{c}]" for (s, c), b in zip(units, bad) if b]
+        raise NonFiniteError(f"NaN or Inf in {what} at {', '.join(names[:10])}: check the "
+                             "model's activations on this data (overflow, log of zero)")
+
+
+def _check_choice(what: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
+
+
+@contextlib.contextmanager
+def _attention_math_backend():
+    """Forward-mode AD fails through the fused attention kernels on CPU: use the math one."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: nothing to switch
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
