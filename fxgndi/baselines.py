@@ -7,7 +7,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from .graph import InterventionGraph, eval_mode, observe
+from .graph import InterventionGraph, observe
+from .runtime import eval_mode
 from .streams import iter_batches
 
 BASELINES = ("zero", "mean", "channel-mean")
@@ -70,11 +71,9 @@ def calibrate(graph: InterventionGraph, data: Iterable, *, kind: str = "channel-
     device = next((p.device for p in graph.parameters()), None)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    batches = iter_batches(data, device=device)
+    batches = iter_batches(data, device=device, max_batches=max_batches)
     with eval_mode(graph), torch.no_grad():
         for i, (x, _) in enumerate(tqdm(batches, desc="calibrate", disable=not progress)):
-            if max_batches is not None and i >= max_batches:
-                break
             if i == 0:
                 graph.describe(x)
             with observe(graph) as seen:

@@ -13,7 +13,6 @@ Everything runs on one :class:`~fxgndi.graph.InterventionGraph`:
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -25,7 +24,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import DataError, NonFiniteError
-from .graph import InterventionGraph, eval_mode, intervene
+from .graph import InterventionGraph, intervene
+from .runtime import device_of, eval_mode, on_device
 from .scores import Scores, Unit
 from .sites import SiteSpec
 from .streams import RunningMoments, first_batch, iter_batches
@@ -106,11 +106,10 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *, sites: SiteSp
     generator = torch.Generator(device="cpu").manual_seed(seed)
     chosen = mode
     with eval_mode(graph), _attention_math_backend(), torch.no_grad():
-        batches = iter_batches(data, device=device, need_labels=readout in ("loss", "margin"),
+        batches = iter_batches(data, device=device, max_batches=max_batches,
+                               need_labels=readout in ("loss", "margin"),
                                why=f"readout '{readout}'")
-        for i, (x, y) in enumerate(tqdm(batches, desc="G-NDI", disable=not progress)):
-            if max_batches is not None and i >= max_batches:
-                break
+        for x, y in tqdm(batches, desc="G-NDI", disable=not progress):
             if chosen == "auto":
                 k_out = _readout_width(graph, x, y, readout)
                 chosen = "forward" if steps > 1 or len(units) < k_out else "reverse"
@@ -161,11 +160,9 @@ def ablate(model: nn.Module | InterventionGraph, data: Iterable, *, sites: SiteS
     units = _all_units(graph) if channels is None else _check_units(graph, channels)
     stats = RunningMoments()
     with eval_mode(graph), torch.no_grad():
-        batches = iter_batches(data, device=device, need_labels=metric in ("accuracy", "loss"),
-                               why=f"metric '{metric}'")
-        for i, (x, y) in enumerate(tqdm(batches, desc="ablate", disable=not progress)):
-            if max_batches is not None and i >= max_batches:
-                break
+        batches = iter_batches(data, device=device, max_batches=max_batches,
+                               need_labels=metric in ("accuracy", "loss"), why=f"metric '{metric}'")
+        for x, y in tqdm(batches, desc="ablate", disable=not progress):
             reference = graph(x)
             effects = [_effect(reference, out, y, metric)
                        for out in ablated_outputs(graph, x, units, chunk_size)]
@@ -252,28 +249,19 @@ def _prepare(model, data, sites, granularity, baseline, device, leaf_modules, pr
     """The InterventionGraph to work on, on the right device, with shapes and baselines."""
     if isinstance(model, InterventionGraph):
         graph = model
-        target = torch.device(device) if device is not None else _device_of(graph)
-        if target != _device_of(graph):
+        target = torch.device(device) if device is not None else device_of(graph)
+        if target != device_of(graph):
             raise ValueError("an InterventionGraph is used on its own device; build it on "
                              f"{target} (move the model there first)")
         if any(s.shape is None for s in graph.sites):
             with eval_mode(graph):
                 graph.describe(first_batch(iter_batches(data, device=target)))
         return graph, target
-    target = torch.device(device) if device is not None else _device_of(model)
-    if target != _device_of(model):
-        model = copy.deepcopy(model).to(target)  # never move the user's model
+    model, target = on_device(model, device)
     example = first_batch(iter_batches(data, device=target))
     graph = intervene(model, sites, granularity=granularity, baseline=baseline, data=data,
                       example_inputs=example, leaf_modules=leaf_modules, progress=progress)
     return graph, target
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    tensor = next(module.parameters(), None)
-    if tensor is None:
-        tensor = next(module.buffers(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _all_units(graph: InterventionGraph) -> list[Unit]:

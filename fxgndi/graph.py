@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import SiteSelectionError, UntraceableModelError
+from .runtime import eval_mode
 from .sites import Site, SiteSpec, default_channel_dim, select_sites
 
 GRANULARITIES = ("layer", "channel")
@@ -235,26 +236,6 @@ def observe(graph: InterventionGraph) -> Iterator[dict[str, torch.Tensor]]:
     finally:
         for h in handles:
             h.remove()
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode and restore each one's own flag afterwards.
-
-    Example:
-        >>> m = nn.Sequential(nn.Dropout()).train()
-        >>> with eval_mode(m): m.training
-        False
-        >>> m.training
-        True
-    """
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def intervene(model: nn.Module, sites: SiteSpec = "conv", *, granularity: str = "layer",

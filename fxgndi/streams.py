@@ -11,19 +11,27 @@ from .errors import DataError
 
 
 def iter_batches(data: Iterable, *, device: torch.device | str | None = None,
-                 need_labels: bool = False, why: str = "") -> Iterator[tuple[torch.Tensor,
-                                                                            torch.Tensor | None]]:
+                 dtype: torch.dtype | None = None, max_batches: int | None = None,
+                 need_labels: bool = False, why: str = ""
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Yield ``(x, y)`` from a DataLoader or any iterable of ``(x, y)``, ``[x, y]`` or ``x``.
 
     ``y`` is None when the data has no labels; ``need_labels=True`` makes that an error whose
-    message says ``why`` labels are needed. An iterable that yields nothing raises DataError.
+    message says ``why`` labels are needed. Floating inputs are cast to ``dtype`` when given;
+    at most ``max_batches`` are read. An iterable that yields nothing raises DataError.
 
     Example:
         >>> [x.shape for x, y in iter_batches([torch.zeros(2, 3)])]
         [torch.Size([2, 3])]
     """
+    if data is None:
+        raise DataError(f"{why or 'this computation'} needs data: pass an iterable of (x, y)")
+    if max_batches is not None and max_batches < 1:
+        raise DataError(f"max_batches must be >= 1 or None, not {max_batches}")
     count = 0
     for item in data:
+        if max_batches is not None and count >= max_batches:
+            break
         if isinstance(item, torch.Tensor):
             x, y = item, None
         elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
@@ -37,8 +45,8 @@ def iter_batches(data: Iterable, *, device: torch.device | str | None = None,
         if need_labels and y is None:
             raise DataError(f"{why or 'this computation'} needs labels, but the data yields "
                             "inputs only: pass batches of (x, y)")
-        if device is not None:
-            x = x.to(device)
+        if device is not None or (dtype is not None and x.is_floating_point()):
+            x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
             y = y.to(device) if y is not None else None
         count += 1
         yield x, y
