@@ -15,11 +15,12 @@ from .estimate import ablate, readout, score
 from .graph import InterventionGraph, intervene, trace
 from .scores import Scores
 from .sites import Site
+from .validate import ValidityReport, validate
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ablate", "calibrate", "intervene", "readout", "score", "trace",
-    "InterventionGraph", "Scores", "Site",
+    "ablate", "calibrate", "intervene", "readout", "score", "trace", "validate",
+    "InterventionGraph", "Scores", "Site", "ValidityReport",
     "DataError", "FxgndiError", "NonFiniteError", "SiteSelectionError", "UntraceableModelError",
 ]

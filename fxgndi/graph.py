@@ -131,7 +131,8 @@ class InterventionGraph(nn.Module):
     :func:`intervene`.
 
     Example:
-        >>> g = intervene(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), sites="linear")
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> g = intervene(model, sites="linear")
         >>> x = torch.randn(4, 2)
         >>> torch.equal(g(x), g.model(x))
         True

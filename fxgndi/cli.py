@@ -1,0 +1,219 @@
+"""The ``fxgndi`` command: wires the library's functions to arguments; no logic of its own.
+
+Exit codes: 0 ok, 1 failure (a clear one-line message; ``--debug`` shows the traceback),
+2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Sequence
+
+import torch
+
+EXAMPLES = """examples:
+  fxgndi demo
+  fxgndi sites --model resnet18 --data digits
+  fxgndi score --model digits-resnet18 --data digits --sites conv linear --steps 4
+  fxgndi score --model resnet50 --weights IMAGENET1K_V2 --data imagefolder:/data/val \\
+      --granularity channel --baseline channel-mean --json
+  fxgndi ablate --model digits-resnet18 --data digits --metric accuracy --plot ablate.png
+  fxgndi validate --model digits-resnet18 --data digits --granularity channel \
+      --baseline channel-mean --truth logit_l2 --plot validity.png
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fxgndi`` console script; returns the exit code.
+
+    Example:
+        >>> main(["sites", "--model", "resnet18", "--data", "digits", "--quiet"])  # doctest: +SKIP
+        0
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    torch.manual_seed(args.seed)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print("fxgndi: interrupted", file=sys.stderr)
+        return 1
+    except Exception as exc:  # one clear line unless --debug
+        if args.debug:
+            raise
+        print(f"fxgndi: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="fxgndi", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Causal layer and channel importance (G-NDI) on torch.fx.")
+    parser.set_defaults(command=None)
+    sub = parser.add_subparsers(title="commands")
+
+    demo = _command(sub, "demo", _run_demo, "train (or load) the digits ResNet-18 and compare "
+                    "G-NDI with exact ablations", "fxgndi demo")
+    del demo
+
+    sites = _command(sub, "sites", _run_sites, "list the intervention sites of a model",
+                     "fxgndi sites --model resnet18 --data digits --sites block")
+    _model_args(sites)
+    _site_args(sites)
+
+    scorer = _command(sub, "score", _run_score, "G-NDI importance of every site or channel",
+                      "fxgndi score --model digits-resnet18 --data digits --steps 4 --json")
+    _model_args(scorer)
+    _site_args(scorer)
+    scorer.add_argument("--readout", default="logits",
+                        choices=["logits", "probs", "loss", "margin"])
+    scorer.add_argument("--steps", type=int, default=1,
+                        help="1 = first order; m > 1 = path-integrated over m midpoints")
+    scorer.add_argument("--p", type=float, default=2.0, help="norm of the output change")
+    scorer.add_argument("--mode", default="auto", choices=["auto", "reverse", "forward", "probe"])
+    scorer.add_argument("--probes", type=int, default=64, help="Rademacher probes (probe mode)")
+
+    ablater = _command(sub, "ablate", _run_ablate, "exact effect of do(h := b) at every site",
+                       "fxgndi ablate --model digits-resnet18 --data digits --metric logit_l2")
+    _model_args(ablater)
+    _site_args(ablater)
+    ablater.add_argument("--metric", default="accuracy",
+                         choices=["accuracy", "loss", "logit_l2", "kl"])
+
+    validator = _command(sub, "validate", _run_validate,
+                         "how well each importance measure ranks the exact ablation effect",
+                         "fxgndi validate --model digits-resnet18 --data digits "
+                         "--granularity channel --baseline channel-mean --truth logit_l2")
+    _model_args(validator)
+    _site_args(validator)
+    validator.add_argument("--truth", default="accuracy",
+                           choices=["accuracy", "loss", "logit_l2", "kl"])
+    validator.add_argument("--methods", nargs="+", default=None,
+                           help="G-NDI variants and criteria (default: all but ablation)")
+    validator.add_argument("--n-channels", type=int, default=300)
+    validator.add_argument("--n-boot", type=int, default=10000)
+    return parser
+
+
+def _command(sub, name: str, run: Callable, help_text: str, example: str):
+    p = sub.add_parser(name, help=help_text, description=help_text,
+                       epilog=f"example:\n  {example}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(run=run, command=name)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    return p
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="a torchvision model name, or digits-resnet18 (the built-in trained one)")
+    p.add_argument("--weights", default=None, help="torchvision weights name, e.g. DEFAULT")
+    p.add_argument("--checkpoint", default=None, help="a state-dict file to load")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="output width (default: the data's number of classes)")
+    p.add_argument("--data", default="digits",
+                   help="digits | cifar10:/root | imagefolder:/path (default: digits)")
+    p.add_argument("--split", default="test", choices=["train", "test", "all"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    p.add_argument("--image-size", type=int, default=None)
+
+
+def _site_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sites", nargs="+", default=["conv"],
+                   help="kinds (conv linear bn norm act block), names or globs")
+    p.add_argument("--granularity", default="layer", choices=["layer", "channel"])
+    p.add_argument("--baseline", default="zero", choices=["zero", "mean", "channel-mean"])
+    p.add_argument("--plot", default=None, help="write a bar chart to this PNG path")
+
+
+def _load(args) -> tuple[torch.nn.Module, Any]:
+    from .data import load_data, num_classes
+    from .models import load_model
+    from .train import digits_resnet18
+
+    data = load_data(args.data, split=args.split, batch_size=args.batch_size, limit=args.limit,
+                     image_size=args.image_size, seed=args.seed)
+    if args.model == "digits-resnet18":
+        model = digits_resnet18(progress=not args.quiet)
+    else:
+        classes = args.num_classes
+        if classes is None and args.weights is None:
+            classes = num_classes(args.data)
+        # torchvision's ViTs are built for one image size; others adapt to any.
+        extra = ({"image_size": args.image_size}
+                 if args.image_size and args.model.startswith("vit_") else {})
+        model = load_model(args.model, num_classes=classes, weights=args.weights,
+                           checkpoint=args.checkpoint, **extra)
+    if args.device:
+        model = model.to(args.device)
+    return model.eval(), data
+
+
+def _emit(args, scores) -> None:
+    print(json.dumps(scores.to_dict(), indent=2) if args.json else scores.table())
+    if args.plot:
+        scores.plot(args.plot)
+
+
+def _run_validate(args) -> None:
+    from .validate import validate
+    model, data = _load(args)
+    report = validate(model, data, methods=args.methods, truth=args.truth,
+                      granularity=args.granularity, sites=args.sites, baseline=args.baseline,
+                      n_channels=args.n_channels, seed=args.seed, n_boot=args.n_boot,
+                      progress=not args.quiet)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    if args.plot:
+        report.plot(args.plot)
+
+
+def _run_demo(args) -> None:
+    from .demo import run_demo
+    results = run_demo(progress=not args.quiet, print_fn=(lambda s: None) if args.json else print)
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+def _run_sites(args) -> None:
+    from .graph import intervene
+    from .streams import first_batch
+    model, data = _load(args)
+    graph = intervene(model, args.sites, granularity=args.granularity,
+                      example_inputs=first_batch(data))
+    if args.json:
+        print(json.dumps([{"name": s.name, "kind": s.kind, "shape": s.shape,
+                           "channels": s.channels} for s in graph.sites], indent=2))
+    else:
+        print(graph.table())
+
+
+def _run_score(args) -> None:
+    from .estimate import score
+    model, data = _load(args)
+    _emit(args, score(model, data, sites=args.sites, granularity=args.granularity,
+                      baseline=args.baseline, p=args.p, steps=args.steps, readout=args.readout,
+                      mode=args.mode, probes=args.probes, seed=args.seed,
+                      progress=not args.quiet))
+
+
+def _run_ablate(args) -> None:
+    from .estimate import ablate
+    model, data = _load(args)
+    _emit(args, ablate(model, data, sites=args.sites, granularity=args.granularity,
+                       baseline=args.baseline, metric=args.metric, progress=not args.quiet))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The fxgndi command: wiring, JSON output, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import fxgndi
+from fxgndi.cli import main
+from fxgndi.data import load_data
+from fxgndi.models import load_model
+
+COMMON = ["--model", "resnet18", "--data", "digits", "--limit", "8", "--batch-size", "4",
+          "--quiet"]
+
+
+def test_sites_lists_the_selection(capsys):
+    assert main(["sites", *COMMON, "--sites", "block"]) == 0
+    out = capsys.readouterr().out
+    assert "layer1.0" in out and "layer4.1" in out and "conv1" not in out
+
+
+def test_score_json_matches_the_python_api(capsys):
+    assert main(["score", *COMMON, "--sites", "conv", "linear", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    torch.manual_seed(0)
+    model = load_model("resnet18", num_classes=10)
+    data = load_data("digits", limit=8, batch_size=4)
+    expected = fxgndi.score(model, data, sites=["conv", "linear"], progress=False)
+    np.testing.assert_allclose([u["value"] for u in printed["units"]], expected.values,
+                               rtol=1e-5)
+    assert printed["units"][0]["site"] == "conv1"
+
+
+def test_validate_prints_the_table(capsys):
+    code = main(["validate", *COMMON, "--sites", "layer4.*", "--truth", "logit_l2",
+                 "--methods", "gndi", "random", "--n-boot", "200"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| gndi" in out and "Spearman" in out
+
+
+def test_failure_is_one_line_with_exit_code_1(capsys):
+    assert main(["score", *COMMON, "--sites", "nothing*"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fxgndi: error: site selection 'nothing*' matched nothing")
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_usage_error_exits_2():
+    with pytest.raises(SystemExit) as exc:
+        main(["score", "--granularity", "neuron"])
+    assert exc.value.code == 2
+
+
+def test_help_lists_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "fxgndi validate --model digits-resnet18" in capsys.readouterr().out
