@@ -28,7 +28,7 @@ from .graph import InterventionGraph, intervene
 from .runtime import device_of, eval_mode, on_device
 from .scores import Scores, Unit
 from .sites import SiteSpec
-from .streams import RunningMoments, first_batch, iter_batches
+from .streams import RunningMoments, first_batch, iter_batches, require_reiterable
 
 READOUTS = ("logits", "probs", "loss", "margin")
 MODES = ("auto", "reverse", "forward", "probe")
@@ -252,6 +252,7 @@ def ablated_outputs(graph: InterventionGraph, x: torch.Tensor, units: Sequence[U
 
 def _prepare(model, data, sites, granularity, baseline, device, leaf_modules, progress):
     """The InterventionGraph to work on, on the right device, with shapes and baselines."""
+    require_reiterable(data)
     if isinstance(model, InterventionGraph):
         graph = model
         target = torch.device(device) if device is not None else device_of(graph)

@@ -54,6 +54,22 @@ def iter_batches(data: Iterable, *, device: torch.device | str | None = None,
         raise DataError("the data yielded no batches (empty loader?): pass at least one batch")
 
 
+def require_reiterable(data: Iterable) -> Iterable:
+    """Return ``data``, or raise DataError if it is a one-shot iterator (a generator).
+
+    fxgndi reads the data more than once (shapes, calibration, then scoring); a generator
+    would silently lose its first batches.
+
+    Example:
+        >>> require_reiterable([torch.zeros(1)])
+        [tensor([0.])]
+    """
+    if iter(data) is data:
+        raise DataError("the data is a one-shot iterator (a generator?), but it is read more "
+                        "than once: pass a list of batches or a DataLoader")
+    return data
+
+
 def first_batch(data: Iterable) -> torch.Tensor:
     """The input tensor of the first batch of ``data``.
 

@@ -26,7 +26,7 @@ from .graph import InterventionGraph, intervene
 from .report import format_table, pyplot, save_figure
 from .scores import Scores, Unit
 from .sites import SiteSpec
-from .streams import first_batch, iter_batches
+from .streams import first_batch, require_reiterable
 
 # G-NDI variants are methods too: name -> keyword arguments of fxgndi.score.
 GNDI_VARIANTS: dict[str, dict[str, Any]] = {
@@ -152,6 +152,7 @@ def validate(model: nn.Module, data: Iterable, *, methods: Sequence[str] | None 
                          f"{list(CRITERIA)} or 'ablation'")
     if truth not in METRICS:
         raise ValueError(f"unknown truth {truth!r}: use one of {METRICS}")
+    require_reiterable(data)
     graph = intervene(model, sites, granularity=granularity, baseline=baseline, data=data,
                       example_inputs=first_batch(data), progress=progress)
     units = _units(graph, n_channels, seed)

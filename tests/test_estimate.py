@@ -205,6 +205,12 @@ def test_empty_data_is_an_error(tiny):
         fxgndi.score(tiny, [], progress=False)
 
 
+def test_one_shot_iterator_is_refused_instead_of_losing_batches(tiny):
+    batches = (torch.randn(2, 2, 6, 6) for _ in range(3))
+    with pytest.raises(DataError, match="one-shot iterator"):
+        fxgndi.score(tiny, batches, progress=False)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(mode="probe", p=1), "probe mode estimates the 2-norm"),
     (dict(mode="reverse", steps=4), "path integration"),
