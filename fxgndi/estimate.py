@@ -110,7 +110,7 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *, sites: SiteSp
     stats = RunningMoments()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     chosen = mode
-    with eval_mode(graph), _attention_math_backend(), torch.no_grad():
+    with eval_mode(graph), torch.no_grad():
         batches = iter_batches(data, device=device, max_batches=max_batches,
                                need_labels=readout in ("loss", "margin"),
                                why=f"readout '{readout}'")
@@ -198,13 +198,14 @@ def reverse_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor 
     def f(a: dict[str, torch.Tensor]) -> torch.Tensor:
         return readout(graph(x, alphas=a), y, kind)
 
-    out, vjp_fn = torch.func.vjp(f, alphas)
-    if cotangents is None:
-        k = out.shape[-1]
-        eye = torch.eye(k, dtype=out.dtype, device=out.device)
-        cotangents = eye[:, None, :].expand(k, out.shape[0], k)
-    chunk = chunk_size or max(1, _SAMPLES_PER_CHUNK // x.shape[0])
-    (grads,) = torch.func.vmap(vjp_fn, chunk_size=chunk)(cotangents)
+    with _transformable_attention():
+        out, vjp_fn = torch.func.vjp(f, alphas)
+        if cotangents is None:
+            k = out.shape[-1]
+            eye = torch.eye(k, dtype=out.dtype, device=out.device)
+            cotangents = eye[:, None, :].expand(k, out.shape[0], k)
+        chunk = chunk_size or max(1, _SAMPLES_PER_CHUNK // x.shape[0])
+        (grads,) = torch.func.vmap(vjp_fn, chunk_size=chunk)(cotangents)
     return {name: g.movedim(0, -1) for name, g in grads.items()}
 
 
@@ -231,7 +232,8 @@ def forward_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor 
     for lo in range(0, len(units), chunk):
         tangents = _one_hot_alphas(graph, x, units[lo:lo + chunk])
         primals = {name: v * t for name, v in tangents.items()}
-        outs.append(torch.func.vmap(jvp)(primals, tangents))  # [U, B, K]
+        with _transformable_attention():
+            outs.append(torch.func.vmap(jvp)(primals, tangents))  # [U, B, K]
     return torch.cat(outs, 0).movedim(0, 1)
 
 
@@ -247,7 +249,9 @@ def ablated_outputs(graph: InterventionGraph, x: torch.Tensor, units: Sequence[U
     chunk = chunk_size or max(1, _SAMPLES_PER_CHUNK // x.shape[0])
     for lo in range(0, len(units), chunk):
         alphas = _one_hot_alphas(graph, x, units[lo:lo + chunk])
-        yield torch.func.vmap(lambda a: graph(x, alphas=a))(alphas)
+        with _transformable_attention():
+            out = torch.func.vmap(lambda a: graph(x, alphas=a))(alphas)
+        yield out
 
 
 def _prepare(model, data, sites, granularity, baseline, device, leaf_modules, progress):
@@ -372,12 +376,22 @@ def _check_choice(what: str, value: str, allowed: Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
-def _attention_math_backend():
-    """Forward-mode AD fails through the fused attention kernels on CPU: use the math one."""
+def _transformable_attention():
+    """Attention kernels that torch.func can transform and batch.
+
+    Forward-mode AD fails through the fused attention kernels on CPU, and neither
+    ``_native_multi_head_attention`` nor the flash backward has a vmap batching rule (vmap
+    would loop over the batch in Python): use the math kernel and MHA's plain path.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha else None
+    if mha:
+        mha.set_fastpath_enabled(False)
     try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # older torch: nothing to switch
-        yield
-        return
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        if mha:
+            mha.set_fastpath_enabled(fastpath)
