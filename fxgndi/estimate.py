@@ -15,9 +15,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

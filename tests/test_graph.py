@@ -12,7 +12,7 @@ import torchvision
 import fxgndi
 from fxgndi.errors import SiteSelectionError, UntraceableModelError
 
-from .conftest import make_tiny, replace_output
+from .conftest import replace_output
 
 
 def test_zero_alphas_reproduce_the_model_exactly(tiny):

@@ -10,7 +10,6 @@ read at the attention module's first output instead. Linear outputs are taken as
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
