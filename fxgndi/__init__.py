@@ -13,6 +13,8 @@ from .errors import (DataError, FxgndiError, NonFiniteError, SiteSelectionError,
                      UntraceableModelError)
 from .estimate import ablate, readout, score
 from .graph import InterventionGraph, intervene, trace
+from .importance import GNDIImportance
+from .prune import PruneResult, prune
 from .scores import Scores
 from .sites import Site
 from .validate import ValidityReport, validate
@@ -20,7 +22,7 @@ from .validate import ValidityReport, validate
 __version__ = "0.1.0"
 
 __all__ = [
-    "ablate", "calibrate", "intervene", "readout", "score", "trace", "validate",
-    "InterventionGraph", "Scores", "Site", "ValidityReport",
+    "ablate", "calibrate", "intervene", "prune", "readout", "score", "trace", "validate",
+    "GNDIImportance", "InterventionGraph", "PruneResult", "Scores", "Site", "ValidityReport",
     "DataError", "FxgndiError", "NonFiniteError", "SiteSelectionError", "UntraceableModelError",
 ]
