@@ -100,12 +100,9 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *, sites: SiteSp
     if mode in ("reverse", "probe") and steps > 1:
         raise ValueError("path integration evaluates each site at its own point on the path: "
                          "use mode='forward' or 'auto' with steps > 1")
-    if channels is not None:
-        granularity = "channel"
     start = time.perf_counter()
-    graph, device = _prepare(model, data, sites, granularity, baseline, device, leaf_modules,
-                             progress)
-    units = _all_units(graph) if channels is None else _check_units(graph, channels)
+    graph, device, units = _prepare(model, data, sites, granularity, baseline, device,
+                                    leaf_modules, progress, channels)
     stats = RunningMoments()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     chosen = mode
@@ -156,12 +153,9 @@ def ablate(model: nn.Module | InterventionGraph, data: Iterable, *, sites: SiteS
         ['layer4.0.conv1', 'layer4.0.bn1']
     """
     _check_choice("metric", metric, METRICS)
-    if channels is not None:
-        granularity = "channel"
     start = time.perf_counter()
-    graph, device = _prepare(model, data, sites, granularity, baseline, device, leaf_modules,
-                             progress)
-    units = _all_units(graph) if channels is None else _check_units(graph, channels)
+    graph, device, units = _prepare(model, data, sites, granularity, baseline, device,
+                                    leaf_modules, progress, channels)
     stats = RunningMoments()
     with eval_mode(graph), torch.no_grad():
         batches = iter_batches(data, device=device, max_batches=max_batches,
@@ -253,8 +247,18 @@ def ablated_outputs(graph: InterventionGraph, x: torch.Tensor, units: Sequence[U
         yield out
 
 
-def _prepare(model, data, sites, granularity, baseline, device, leaf_modules, progress):
-    """The InterventionGraph to work on, on the right device, with shapes and baselines."""
+def _prepare(model, data, sites, granularity, baseline, device, leaf_modules, progress,
+             channels=None):
+    """The graph to work on (right device, shapes, baselines), its device and the units:
+    every site or channel, or the listed ``channels`` (which imply channel granularity)."""
+    graph, device = _prepare_graph(model, data, sites,
+                                   "channel" if channels is not None else granularity,
+                                   baseline, device, leaf_modules, progress)
+    units = _all_units(graph) if channels is None else _check_units(graph, channels)
+    return graph, device, units
+
+
+def _prepare_graph(model, data, sites, granularity, baseline, device, leaf_modules, progress):
     require_reiterable(data)
     if isinstance(model, InterventionGraph):
         graph = model
