@@ -74,10 +74,10 @@ def calibrate(graph: InterventionGraph, data: Iterable, *, kind: str = "channel-
     batches = iter_batches(data, device=device, max_batches=max_batches)
     with eval_mode(graph), torch.no_grad():
         for i, (x, _) in enumerate(tqdm(batches, desc="calibrate", disable=not progress)):
-            if i == 0:
-                graph.describe(x)
             with observe(graph) as seen:
                 graph(x)
+            if i == 0:
+                graph.record_shapes(seen)
             for site in graph.sites:
                 h = seen[site.name].to(torch.float64)
                 if kind == "mean":

@@ -236,8 +236,8 @@ def ablated_outputs(graph: InterventionGraph, x: torch.Tensor, units: Sequence[U
 
     Example:
         >>> g = intervene(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)), sites="linear")
-        >>> next(iter(ablated_outputs(g, torch.randn(4, 3), [("1", None)])))
-        tensor(...)  # doctest: +SKIP
+        >>> next(iter(ablated_outputs(g, torch.randn(4, 3), [("0", None), ("1", None)]))).shape
+        torch.Size([2, 4, 2])
     """
     chunk = chunk_size or max(1, _SAMPLES_PER_CHUNK // x.shape[0])
     for lo in range(0, len(units), chunk):

@@ -66,8 +66,8 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
 
     Example:
         >>> gm = trace(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
-        >>> gm[0] is not None
-        True
+        >>> [n.op for n in gm.graph.nodes]
+        ['placeholder', 'call_module', 'call_module', 'output']
     """
     tracer = GndiTracer(leaf_modules)
     try:
@@ -190,13 +190,24 @@ class InterventionGraph(nn.Module):
         """
         with observe(self) as seen, torch.no_grad():
             out = self(*inputs)
+        self.record_shapes(seen)
+        return out
+
+    def record_shapes(self, seen: Mapping[str, torch.Tensor]) -> None:
+        """Set every site's shape (and resolved channel dim) from one batch's activations.
+
+        Example:
+            >>> g = intervene(nn.Sequential(nn.Linear(2, 3)), sites="linear")
+            >>> with observe(g) as seen: _ = g(torch.randn(4, 2))
+            >>> g.record_shapes(seen); g.sites[0].channels
+            3
+        """
         for site in self._sites:
             if site.name not in seen:
                 raise SiteSelectionError(f"site '{site.name}' was not reached by the forward "
                                          "pass (dead branch?); choose other sites")
             site.shape = tuple(seen[site.name].shape[1:])
             self.node(site.name).channel_dim = site.resolved_channel_dim()
-        return out
 
     def calibrate(self, data: Iterable, kind: str = "channel-mean", *,
                   progress: bool = False) -> None:
