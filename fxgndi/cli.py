@@ -20,8 +20,9 @@ EXAMPLES = """examples:
   fxgndi score --model resnet50 --weights IMAGENET1K_V2 --data imagefolder:/data/val \\
       --granularity channel --baseline channel-mean --json
   fxgndi ablate --model digits-resnet18 --data digits --metric accuracy --plot ablate.png
-  fxgndi validate --model digits-resnet18 --data digits --granularity channel \
+  fxgndi validate --model digits-resnet18 --data digits --granularity channel \\
       --baseline channel-mean --truth logit_l2 --plot validity.png
+  fxgndi prune --model digits-resnet18 --data digits --sparsity 0.5 --target macs
 """
 
 
@@ -86,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     _site_args(ablater)
     ablater.add_argument("--metric", default="accuracy",
                          choices=["accuracy", "loss", "logit_l2", "kl"])
+
+    pruner = _command(sub, "prune", _run_prune,
+                      "remove the least important channels with torch-pruning",
+                      "fxgndi prune --model digits-resnet18 --data digits --sparsity 0.5 "
+                      "--target macs --importance gndi")
+    _model_args(pruner)
+    pruner.add_argument("--sparsity", type=float, default=0.5,
+                        help="fraction of channels / params / MACs to remove, in (0, 1)")
+    pruner.add_argument("--target", default="channels", choices=["channels", "params", "macs"])
+    pruner.add_argument("--importance", default="gndi",
+                        choices=["gndi", "ablation", "l1", "l2", "taylor", "hessian", "lamp",
+                                 "bn", "fpgm", "random"])
+    pruner.add_argument("--global-pruning", action="store_true")
+    pruner.add_argument("--compensate", action="store_true",
+                        help="fold removed channels' means into the consumers' biases")
 
     validator = _command(sub, "validate", _run_validate,
                          "how well each importance measure ranks the exact ablation effect",
@@ -177,6 +193,23 @@ def _run_validate(args) -> None:
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     if args.plot:
         report.plot(args.plot)
+
+
+def _run_prune(args) -> None:
+    from .prune import prune
+    from .train import evaluate
+    model, data = _load(args)
+    result = prune(model, data, sparsity=args.sparsity, target=args.target,
+                   importance=args.importance, global_pruning=args.global_pruning,
+                   compensate=args.compensate, seed=args.seed, progress=not args.quiet)
+    accuracy = {"before": evaluate(model, data)["accuracy"],
+                "after": evaluate(result.model, data)["accuracy"]}
+    if args.json:
+        print(json.dumps({**result.to_dict(), "accuracy": accuracy}, indent=2))
+    else:
+        print(result.table())
+        print(f"\naccuracy on the {args.split} split: {accuracy['before']:.1%} before, "
+              f"{accuracy['after']:.1%} after (no fine-tuning)")
 
 
 def _run_demo(args) -> None:

@@ -60,3 +60,16 @@ def test_help_lists_examples(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "fxgndi validate --model digits-resnet18" in capsys.readouterr().out
+
+
+def test_prune_reports_reduction_and_accuracy(capsys):
+    code = main(["prune", *COMMON, "--sparsity", "0.3", "--importance", "l1", "--json"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert 0.2 < printed["pruning_ratio"] <= 0.35 and printed["macs_after"] < printed["macs_before"]
+    assert set(printed["accuracy"]) == {"before", "after"}
+
+
+def test_prune_rejects_a_sparsity_outside_0_1(capsys):
+    assert main(["prune", *COMMON, "--sparsity", "1.5"]) == 1
+    assert "sparsity" in capsys.readouterr().err
