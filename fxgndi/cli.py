@@ -177,10 +177,11 @@ def _load(args) -> tuple[torch.nn.Module, Any]:
     return model.eval(), data
 
 
-def _emit(args, scores) -> None:
-    print(json.dumps(scores.to_dict(), indent=2) if args.json else scores.table())
+def _emit(args, result) -> None:
+    """Print a Scores or ValidityReport as JSON or a table, and plot it when asked."""
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     if args.plot:
-        scores.plot(args.plot)
+        result.plot(args.plot)
 
 
 def _run_validate(args) -> None:
@@ -190,9 +191,7 @@ def _run_validate(args) -> None:
                       granularity=args.granularity, sites=args.sites, baseline=args.baseline,
                       n_channels=args.n_channels, seed=args.seed, n_boot=args.n_boot,
                       progress=not args.quiet)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
-    if args.plot:
-        report.plot(args.plot)
+    _emit(args, report)
 
 
 def _run_prune(args) -> None:
