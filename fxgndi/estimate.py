@@ -14,14 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import re
 import time
-from typing import Any, Iterable, Sequence
+import weakref
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
+from .checkpoint import load_state, rank_path, save_state
+from .distributed import all_reduce_sums, my_batches, rank_and_world
 from .errors import DataError, NonFiniteError
 from .graph import InterventionGraph, intervene
 from .runtime import device_of, eval_mode, on_device
@@ -66,7 +73,9 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *, sites: SiteSp
           channels: Sequence[tuple[str, int]] | None = None, probes: int = 64,
           seed: int = 0, device: torch.device | str | None = None,
           max_batches: int | None = None, progress: bool = True,
-          leaf_modules: Sequence[str | type] = ()) -> Scores:
+          leaf_modules: Sequence[str | type] = (), max_memory: int | str | None = None,
+          checkpoint: str | os.PathLike | None = None, resume: bool = False,
+          save_every: int = 50) -> Scores:
     """G-NDI importance of every site (or channel): ``E_x || d f(x) / d alpha ||_p``.
 
     Args:
@@ -81,6 +90,16 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *, sites: SiteSp
         chunk_size: units (forward) or cotangents (reverse) per vmap call.
         channels: score only these ``(site, channel)`` pairs (implies channel granularity);
             forward mode then costs one JVP per listed channel.
+        max_memory: bytes (or ``"4GB"``, ``"512MiB"``) for the activations and tangents of
+            one step: batches are split and vmap chunks sized to fit (model weights and the
+            input batch are not counted). Results do not change.
+        checkpoint: a file for the partial sums, saved atomically every ``save_every``
+            batches, at the end, and when the run is interrupted; ``resume=True`` continues
+            from it (same settings, same data) and gives the uninterrupted result.
+
+    Under ``torchrun`` (an initialised ``torch.distributed`` group) each rank scores the
+    batches ``i`` with ``i % world == rank`` and the sums are all-reduced: every rank returns
+    the result of one process.
 
     Example:
         >>> import torchvision
@@ -100,32 +119,43 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *, sites: SiteSp
     if mode in ("reverse", "probe") and steps > 1:
         raise ValueError("path integration evaluates each site at its own point on the path: "
                          "use mode='forward' or 'auto' with steps > 1")
+    budget = parse_bytes(max_memory)
     start = time.perf_counter()
     graph, device, units = _prepare(model, data, sites, granularity, baseline, device,
                                     leaf_modules, progress, channels)
-    stats = RunningMoments()
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     chosen = mode
+
+    def norms_of_batch(x: torch.Tensor, y: torch.Tensor | None, index: int) -> torch.Tensor:
+        nonlocal chosen
+        if y is not None:
+            _check_labels(graph(x[:1]), y)
+        if chosen == "auto":
+            k_out = _readout_width(graph, x, y, readout)
+            chosen = "forward" if steps > 1 or len(units) < k_out else "reverse"
+        z = None
+        if chosen == "probe":  # drawn per batch, so that shards and resumed runs agree
+            generator = torch.Generator().manual_seed(_batch_seed(seed, index))
+            k = _readout_width(graph, x, y, readout)
+            z = (2 * torch.randint(0, 2, (probes, x.shape[0], k), generator=generator) - 1)
+        piece, chunk = _plan(graph, x, y, readout, chosen, units, budget, chunk_size, steps)
+        out = [_norms(graph, xs, ys, readout, chosen, units, p, steps, chunk,
+                      None if z is None else z[:, lo:lo + xs.shape[0]])
+               for lo, xs, ys in _pieces(x, y, piece)]
+        norms = torch.cat(out, 0)
+        _check_finite(norms, units, "G-NDI tangents")
+        return norms
+
+    settings = {"estimator": "gndi", "readout": readout, "p": p, "steps": steps, "mode": mode,
+                "probes": probes if mode == "probe" else None, "seed": seed,
+                "baseline": baseline if isinstance(baseline, str) else "custom",
+                "units": units,
+                "max_batches": max_batches}
     with eval_mode(graph), torch.no_grad():
-        batches = iter_batches(data, device=device, max_batches=max_batches,
-                               need_labels=readout in ("loss", "margin"),
-                               why=f"readout '{readout}'")
-        for x, y in tqdm(batches, desc="G-NDI", disable=not progress):
-            if chosen == "auto":
-                k_out = _readout_width(graph, x, y, readout)
-                chosen = "forward" if steps > 1 or len(units) < k_out else "reverse"
-            if chosen == "reverse":
-                norms = _norms_of(reverse_tangents(graph, x, y, readout, chunk_size), units, p)
-            elif chosen == "probe":
-                norms = _probe_norms(graph, x, y, readout, probes, chunk_size, generator, units)
-            else:
-                tangents = [forward_tangents(graph, x, y, readout, units, (j + 0.5) / steps
-                                             if steps > 1 else 0.0, chunk_size)
-                            for j in range(steps)]
-                mean_tangent = torch.stack(tangents).mean(0)
-                norms = torch.linalg.vector_norm(mean_tangent, ord=p, dim=-1)
-            _check_finite(norms, units, "G-NDI tangents")
-            stats.update(norms)
+        stats = _accumulate(data, units, norms_of_batch, device=device, max_batches=max_batches,
+                            need_labels=readout in ("loss", "margin"),
+                            why=f"readout '{readout}'", desc="G-NDI", progress=progress,
+                            checkpoint=checkpoint, resume=resume, save_every=save_every,
+                            settings=settings)
     meta = {"readout": readout, "p": p, "steps": steps, "mode": chosen,
             "baseline": baseline if isinstance(baseline, str) else "custom",
             "granularity": graph.granularity}
@@ -137,12 +167,16 @@ def ablate(model: nn.Module | InterventionGraph, data: Iterable, *, sites: SiteS
            granularity: str = "layer", baseline: Any = "zero", metric: str = "accuracy",
            channels: Sequence[tuple[str, int]] | None = None, chunk_size: int | None = None,
            device: torch.device | str | None = None, max_batches: int | None = None,
-           progress: bool = True, leaf_modules: Sequence[str | type] = ()) -> Scores:
+           progress: bool = True, leaf_modules: Sequence[str | type] = (),
+           max_memory: int | str | None = None, checkpoint: str | os.PathLike | None = None,
+           resume: bool = False, save_every: int = 50) -> Scores:
     """The exact effect of ``do(h := b)`` (alpha = 1) at each site, or each listed channel.
 
     Metrics: ``accuracy`` (drop in top-1 accuracy), ``loss`` (increase in mean cross-entropy),
     ``logit_l2`` (E_x of the L2 norm of the change of the logits), ``kl``
     (E_x KL(p_original || p_intervened)). Interventions are batched with ``vmap``.
+    ``max_memory``, ``checkpoint``, ``resume``, ``save_every`` and ``torchrun`` work as in
+    :func:`score`.
 
     Example:
         >>> import torchvision
@@ -153,24 +187,104 @@ def ablate(model: nn.Module | InterventionGraph, data: Iterable, *, sites: SiteS
         ['layer4.0.conv1', 'layer4.0.bn1']
     """
     _check_choice("metric", metric, METRICS)
+    budget = parse_bytes(max_memory)
     start = time.perf_counter()
     graph, device, units = _prepare(model, data, sites, granularity, baseline, device,
                                     leaf_modules, progress, channels)
-    stats = RunningMoments()
+
+    def effects_of_batch(x: torch.Tensor, y: torch.Tensor | None, index: int) -> torch.Tensor:
+        piece, chunk = _plan(graph, x, y, "logits", "ablate", units, budget, chunk_size)
+        out = []
+        for _, xs, ys in _pieces(x, y, piece):
+            reference = graph(xs)
+            _check_labels(reference, ys)
+            effects = [_effect(reference, o, ys, metric)
+                       for o in ablated_outputs(graph, xs, units, chunk)]
+            out.append(torch.cat(effects, 0).T)  # [B, units]
+        values = torch.cat(out, 0)
+        _check_finite(values, units, "ablation effects")
+        return values
+
+    settings = {"estimator": "ablation", "metric": metric,
+                "baseline": baseline if isinstance(baseline, str) else "custom",
+                "units": units,
+                "max_batches": max_batches}
     with eval_mode(graph), torch.no_grad():
-        batches = iter_batches(data, device=device, max_batches=max_batches,
-                               need_labels=metric in ("accuracy", "loss"), why=f"metric '{metric}'")
-        for x, y in tqdm(batches, desc="ablate", disable=not progress):
-            reference = graph(x)
-            effects = [_effect(reference, out, y, metric)
-                       for out in ablated_outputs(graph, x, units, chunk_size)]
-            values = torch.cat(effects, 0).T  # [B, units]
-            _check_finite(values, units, "ablation effects")
-            stats.update(values)
+        stats = _accumulate(data, units, effects_of_batch, device=device,
+                            max_batches=max_batches, need_labels=metric in ("accuracy", "loss"),
+                            why=f"metric '{metric}'", desc="ablate", progress=progress,
+                            checkpoint=checkpoint, resume=resume, save_every=save_every,
+                            settings=settings)
     meta = {"metric": metric, "baseline": baseline if isinstance(baseline, str) else "custom",
             "granularity": graph.granularity}
     return Scores(units, stats.mean.numpy(), stats.stderr.numpy(), stats.count, "ablation",
                   time.perf_counter() - start, meta)
+
+
+def _accumulate(data: Iterable, units: Sequence[Unit],
+                per_batch: Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor], *,
+                device: torch.device, max_batches: int | None, need_labels: bool, why: str,
+                desc: str, progress: bool, checkpoint: str | os.PathLike | None, resume: bool,
+                save_every: int, settings: dict[str, Any]) -> RunningMoments:
+    """The one accumulation path of score and ablate: this rank's batches (resumed where a
+    saved state left off), per-sample values into running sums, the sums saved every
+    ``save_every`` batches and on interruption, then summed over ranks."""
+    if save_every < 1:
+        raise ValueError(f"save_every must be >= 1 batch, not {save_every}")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint=PATH (the file the run saved)")
+    rank, world = rank_and_world()
+    stats = RunningMoments(len(units))
+    settings = {**settings, "world": world}
+    path = None if checkpoint is None else rank_path(checkpoint, rank, world)
+    done = 0
+    if resume:
+        saved = load_state(path, settings=settings)
+        if saved is not None:
+            stats.load_state_dict(saved["sums"])
+            done = saved["batches"]
+
+    def save(complete: bool = False) -> None:
+        if path is not None:
+            save_state(path, settings=settings, batches=done, sums=stats.state_dict(),
+                       complete=complete)
+
+    batches = iter_batches(my_batches(data, start=done, max_batches=max_batches),
+                           device=device, need_labels=need_labels, why=why,
+                           allow_empty=world > 1 or done > 0)
+    try:
+        for x, y in tqdm(batches, desc=desc, disable=not progress or rank != 0,
+                         initial=done):
+            stats.update(per_batch(x, y, rank + done * world))
+            done += 1
+            if done % save_every == 0:
+                save()
+    except BaseException:
+        save()  # what was summed so far is consistent: keep it for --resume
+        raise
+    save(complete=True)
+    if world > 1:
+        stats.load_state_dict(all_reduce_sums(stats.state_dict()))
+    if stats.count == 0:
+        raise DataError("the data yielded no batches (empty loader?): pass at least one batch")
+    return stats
+
+
+def _batch_seed(seed: int, index: int) -> int:
+    """A seed for batch ``index`` of a run seeded with ``seed`` (independent streams)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def _norms(graph, x, y, kind, mode, units, p, steps, chunk, z) -> torch.Tensor:
+    """Per-sample p-norms [B, U] of the tangents of ``units`` on one batch, in ``mode``."""
+    if mode == "reverse":
+        return _norms_of(reverse_tangents(graph, x, y, kind, chunk), units, p)
+    if mode == "probe":
+        return _probe_norms(graph, x, y, kind, z, chunk, units)
+    tangents = [forward_tangents(graph, x, y, kind, units,
+                                 (j + 0.5) / steps if steps > 1 else 0.0, chunk)
+                for j in range(steps)]
+    return torch.linalg.vector_norm(torch.stack(tangents).mean(0), ord=p, dim=-1)
 
 
 def reverse_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None,
@@ -333,12 +447,10 @@ def _norms_of(tangents: dict[str, torch.Tensor], units: Sequence[Unit],
     return torch.stack(cols, 1)
 
 
-def _probe_norms(graph, x, y, kind, probes, chunk_size, generator, units) -> torch.Tensor:
-    """Rademacher estimate of the per-sample 2-norms: sqrt(mean_r (z_r^T J v)^2)."""
-    with torch.no_grad():
-        k = readout(graph(x), y, kind).shape[-1]
-    z = torch.randint(0, 2, (probes, x.shape[0], k), generator=generator).to(x.device)
-    z = (2 * z - 1).to(next(graph.parameters()).dtype)
+def _probe_norms(graph, x, y, kind, z, chunk_size, units) -> torch.Tensor:
+    """Rademacher estimate of the per-sample 2-norms: sqrt(mean_r (z_r^T J v)^2), with the
+    signs ``z`` [R, B, K] drawn by the caller."""
+    z = z.to(device=x.device, dtype=next(graph.parameters()).dtype)
     projections = reverse_tangents(graph, x, y, kind, chunk_size, cotangents=z)
     rms = {name: t.pow(2).mean(-1).sqrt() for name, t in projections.items()}
     cols = [rms[s] if c is None else rms[s][:, c] for s, c in units]
@@ -363,6 +475,128 @@ def _effect(reference: torch.Tensor, ablated: torch.Tensor, y: torch.Tensor | No
         return correct - (ablated.argmax(-1) == y).to(reference.dtype)
     ce = F.cross_entropy(ablated.flatten(0, 1), y.repeat(ablated.shape[0]), reduction="none")
     return ce.view(ablated.shape[:2]) - F.cross_entropy(reference, y, reduction="none")
+
+
+def parse_bytes(size: int | float | str | None) -> int | None:
+    """A memory size in bytes: an int, or a string such as ``"4GB"``, ``"512MiB"``, ``"2e9"``.
+
+    Example:
+        >>> parse_bytes("1.5GiB"), parse_bytes("200MB"), parse_bytes(None)
+        (1610612736, 200000000, None)
+    """
+    if size is None:
+        return None
+    if isinstance(size, (int, float)) and not isinstance(size, bool):
+        value = float(size)
+    else:
+        match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)\s*", str(size).lower())
+        if not match:
+            raise ValueError(f"cannot read the memory size {size!r}: write bytes or a number "
+                             "with a unit, e.g. 4GB, 512MiB")
+        unit = match.group(2).rstrip("b")
+        scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
+                 "ki": 2 ** 10, "mi": 2 ** 20, "gi": 2 ** 30, "ti": 2 ** 40}[unit]
+        value = float(match.group(1)) * scale
+    if value <= 0:
+        raise ValueError(f"max_memory must be positive, not {size!r}")
+    return int(value)
+
+
+# Working set of one vmapped step, in multiples of the largest per-sample tensor of the
+# forward (M), per vmapped copy: a backward holds the incoming and outgoing gradient and a
+# temporary; a JVP carries a primal and a tangent, in and out; an ablation a copy in and out
+# plus the reference.
+_COPIES = {"reverse": 3, "probe": 3, "forward": 4, "ablate": 3}
+
+
+def _plan(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None, kind: str,
+          mode: str, units: Sequence[Unit], budget: int | None, chunk_size: int | None,
+          steps: int = 1) -> tuple[int, int | None]:
+    """``(samples per piece, vmap chunk)`` that keep one step within ``budget`` bytes.
+
+    Memory of a step on ``b`` samples with ``c`` vmapped copies is modelled as
+    ``b * (S + c * k * M)``: ``S`` the bytes a reverse pass keeps for its backward (every
+    tensor one sample's forward creates, an upper bound; 0 for forward mode and ablations),
+    ``M`` the largest tensor of one sample's forward, ``k`` from ``_COPIES``.
+    """
+    if budget is None:
+        return x.shape[0], chunk_size
+    total, largest = activation_bytes(graph, x)
+    saved = total if mode in ("reverse", "probe") else 0
+    per_copy = _COPIES[mode] * largest
+    piece = min(x.shape[0], budget // (saved + per_copy))
+    if piece < 1:
+        need = (saved + per_copy) / 2 ** 20
+        raise ValueError(f"max_memory={budget / 2 ** 20:.0f} MiB is below the {need:.0f} MiB "
+                         f"that one sample needs in {mode} mode for inputs of shape "
+                         f"{tuple(x.shape[1:])}: raise max_memory or use smaller inputs")
+    copies = (_readout_width(graph, x, y, kind) if mode == "reverse" else
+              len(units) if mode in ("forward", "ablate") else 10 ** 9)
+    fit = max(1, (budget // piece - saved) // per_copy)
+    return piece, int(min(fit, copies, chunk_size or fit))
+
+
+_PROFILES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def activation_bytes(graph: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """``(total, largest)`` bytes of the tensors that one sample's forward creates.
+
+    Counted on every aten operation (a dispatch mode) of a forward of ``x[:1]``; cached per
+    graph and input shape.
+
+    Example:
+        >>> activation_bytes(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), torch.zeros(2, 4))
+        (64, 32)
+    """
+    key = (tuple(x.shape[1:]), x.dtype, x.device)
+    cache = _PROFILES.setdefault(graph, {})
+    if key not in cache:
+        counter = _ByteCounter()
+        with torch.no_grad(), counter:
+            graph(x[:1])
+        cache[key] = (counter.total, counter.largest)
+    return cache[key]
+
+
+class _ByteCounter(TorchDispatchMode):
+    """Sums the bytes of every tensor an aten operation returns (views and in-place ops
+    return no new memory and are skipped)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        schema = func._schema
+        aliasing = any(r.alias_info is not None for r in schema.returns)
+        if not aliasing:
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    size = t.numel() * t.element_size()
+                    self.total += size
+                    self.largest = max(self.largest, size)
+        return out
+
+
+def _pieces(x: torch.Tensor, y: torch.Tensor | None, piece: int
+            ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """``(offset, x, y)`` slices of at most ``piece`` samples."""
+    for lo in range(0, x.shape[0], piece):
+        yield lo, x[lo:lo + piece], None if y is None else y[lo:lo + piece]
+
+
+def _check_labels(logits: torch.Tensor, y: torch.Tensor | None) -> None:
+    """Labels must index the model's outputs: a mismatch means the wrong model or data."""
+    if y is None or y.dtype.is_floating_point or y.dim() != 1 or y.numel() == 0:
+        return
+    classes = logits.shape[-1]
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= classes:
+        raise DataError(f"the data has labels up to {hi}, but the model has {classes} outputs: "
+                        f"build the model with num_classes={hi + 1} or more (--num-classes), "
+                        "or use the data it was trained on")
 
 
 def _check_finite(values: torch.Tensor, units: Sequence[Unit], what: str) -> None:

@@ -1,24 +1,28 @@
-"""Streaming over data: batches from any loader, running means with standard errors."""
+"""Streaming over data: batches from any loader, slices of its batches (shards, resumed
+runs), running means with standard errors whose state can be summed and saved."""
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
+from torch.utils.data import DataLoader
 
 from .errors import DataError
 
 
 def iter_batches(data: Iterable, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, max_batches: int | None = None,
-                 need_labels: bool = False, why: str = ""
+                 need_labels: bool = False, why: str = "", allow_empty: bool = False
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Yield ``(x, y)`` from a DataLoader or any iterable of ``(x, y)``, ``[x, y]`` or ``x``.
 
     ``y`` is None when the data has no labels; ``need_labels=True`` makes that an error whose
     message says ``why`` labels are needed. Floating inputs are cast to ``dtype`` when given;
-    at most ``max_batches`` are read. An iterable that yields nothing raises DataError.
+    at most ``max_batches`` are read. An iterable that yields nothing raises DataError unless
+    ``allow_empty`` (one rank's shard, or a resumed run that was already complete).
 
     Example:
         >>> [x.shape for x, y in iter_batches([torch.zeros(2, 3)])]
@@ -50,7 +54,7 @@ def iter_batches(data: Iterable, *, device: torch.device | str | None = None,
             y = y.to(device) if y is not None else None
         count += 1
         yield x, y
-    if count == 0:
+    if count == 0 and not allow_empty:
         raise DataError("the data yielded no batches (empty loader?): pass at least one batch")
 
 
@@ -82,23 +86,69 @@ def first_batch(data: Iterable) -> torch.Tensor:
     raise AssertionError("unreachable: iter_batches raises on empty data")
 
 
+def batch_slice(data: Iterable, start: int = 0, stop: int | None = None,
+                step: int = 1) -> Iterable:
+    """The batches of ``data`` whose index ``i`` is in ``range(start, stop, step)``.
+
+    This is how a rank takes its shard (``start=rank, step=world``) and how a resumed run
+    skips what it has done. A DataLoader over a map-style dataset is rebuilt around a sliced
+    batch sampler, so that skipped batches are never loaded; any other iterable is sliced as
+    it is read. The result can be iterated more than once.
+
+    Example:
+        >>> list(batch_slice([torch.tensor(i) for i in range(5)], 1, None, 2))
+        [tensor(1), tensor(3)]
+    """
+    if start == 0 and stop is None and step == 1:
+        return data
+    if (isinstance(data, DataLoader) and data.batch_sampler is not None
+            and type(data).__init__ is DataLoader.__init__):
+        return type(data)(data.dataset, batch_sampler=_SlicedSampler(data.batch_sampler, start,
+                                                                     stop, step),
+                          num_workers=data.num_workers, collate_fn=data.collate_fn,
+                          pin_memory=data.pin_memory, timeout=data.timeout,
+                          worker_init_fn=data.worker_init_fn,
+                          multiprocessing_context=data.multiprocessing_context,
+                          persistent_workers=data.persistent_workers)
+    return _SlicedSampler(data, start, stop, step)
+
+
+class _SlicedSampler:
+    """Re-iterable ``itertools.islice`` of an iterable (a batch sampler, or the data itself)."""
+
+    def __init__(self, source: Iterable, start: int, stop: int | None, step: int) -> None:
+        self.source, self.start, self.stop, self.step = source, start, stop, step
+
+    def __iter__(self) -> Iterator:
+        return itertools.islice(self.source, self.start, self.stop, self.step)
+
+    def __len__(self) -> int:
+        stop = len(self.source) if self.stop is None else min(self.stop, len(self.source))
+        return len(range(self.start, stop, self.step))
+
+
 class RunningMoments:
     """Streaming per-entry mean and standard error of per-sample values, in float64.
 
     Feed ``[B, ...]`` tensors of per-sample values; read ``mean``, ``stderr`` and ``count``.
+    The whole state is three sums (:meth:`state_dict`): shards of the data can be summed
+    (all-reduce across processes) and a run can be saved and resumed. With ``size`` the sums
+    start at zero, so that a process that saw no samples still holds a state of that shape.
+    The sums live on the CPU whatever the values' device.
 
     Example:
         >>> m = RunningMoments(); m.update(torch.tensor([1.0, 3.0])); float(m.mean)
         2.0
     """
 
-    def __init__(self) -> None:
-        self.total: torch.Tensor | None = None
-        self.total_sq: torch.Tensor | None = None
+    def __init__(self, size: int | None = None) -> None:
+        zeros = None if size is None else torch.zeros(size, dtype=torch.float64)
+        self.total: torch.Tensor | None = zeros
+        self.total_sq: torch.Tensor | None = None if zeros is None else zeros.clone()
         self.count = 0
 
     def update(self, values: torch.Tensor) -> None:
-        v = values.detach().to(torch.float64)
+        v = values.detach().to("cpu", torch.float64)
         s, sq = v.sum(0), (v * v).sum(0)
         if self.total is None:
             self.total, self.total_sq = s, sq
@@ -108,7 +158,7 @@ class RunningMoments:
 
     @property
     def mean(self) -> torch.Tensor:
-        if self.total is None:
+        if self.total is None or self.count == 0:
             raise DataError("no samples were seen")
         return self.total / self.count
 
@@ -120,5 +170,29 @@ class RunningMoments:
         var = (self.total_sq - self.count * mean * mean).clamp_min(0) / (self.count - 1)
         return (var / self.count).sqrt()
 
-    def state(self) -> dict[str, Any]:
-        return {"total": self.total, "total_sq": self.total_sq, "count": self.count}
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The sums as float64 tensors: ``total``, ``total_sq`` and ``count``.
+
+        Example:
+            >>> m = RunningMoments(2); m.update(torch.ones(3, 2)); m.state_dict()["count"]
+            tensor(3., dtype=torch.float64)
+        """
+        if self.total is None:
+            raise DataError("no samples were seen (and no size was given): nothing to save")
+        return {"total": self.total.clone(), "total_sq": self.total_sq.clone(),
+                "count": torch.tensor(float(self.count), dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the sums by ``state`` (from :meth:`state_dict`, saved or all-reduced).
+
+        Example:
+            >>> a, b = RunningMoments(1), RunningMoments(1); a.update(torch.ones(2, 1))
+            >>> b.load_state_dict(a.state_dict()); b.count
+            2
+        """
+        if self.total is not None and state["total"].shape != self.total.shape:
+            raise DataError(f"saved sums have shape {tuple(state['total'].shape)}, not "
+                            f"{tuple(self.total.shape)}: they belong to another run")
+        self.total = state["total"].to("cpu", torch.float64).clone()
+        self.total_sq = state["total_sq"].to("cpu", torch.float64).clone()
+        self.count = int(round(float(state["count"])))

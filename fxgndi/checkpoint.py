@@ -1,0 +1,111 @@
+"""Run state of long scoring and ablation runs: saved atomically, resumed only if it fits.
+
+A run state is the partial sums of a :class:`~fxgndi.streams.RunningMoments` plus how many
+batches produced them and the settings they belong to. It is written to a temporary file in
+the same folder and moved over the old one with ``os.replace``, so an interrupted save leaves
+the previous state intact. Under ``torchrun`` each rank keeps its own file
+(``PATH.rank<r>-of-<world>``): a resumed run must use the same number of processes.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+
+from .errors import FxgndiError
+
+FORMAT = "fxgndi-run-state-1"
+
+
+class RunStateError(FxgndiError, ValueError):
+    """A saved run state cannot be resumed: unreadable, or from a run with other settings."""
+
+
+def rank_path(path: str | os.PathLike, rank: int, world: int) -> str:
+    """The file of one rank: ``path`` itself for a single process.
+
+    Example:
+        >>> rank_path("run.pt", 0, 1), rank_path("run.pt", 1, 4)
+        ('run.pt', 'run.pt.rank1-of-4')
+    """
+    path = os.fspath(path)
+    return path if world == 1 else f"{path}.rank{rank}-of-{world}"
+
+
+def save_state(path: str | os.PathLike, *, settings: dict[str, Any], batches: int,
+               sums: dict[str, torch.Tensor], complete: bool = False) -> None:
+    """Write a run state atomically (temp file in the same folder, then ``os.replace``).
+
+    Example:
+        >>> save_state("/tmp/fxgndi-doc.pt", settings={"p": 2}, batches=3,
+        ...            sums={"count": torch.tensor(12.0)})
+        >>> load_state("/tmp/fxgndi-doc.pt", settings={"p": 2})["batches"]
+        3
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot save the run state to {path!r}: folder {folder!r} "
+                                "does not exist; create it or choose another path")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    state = {"format": FORMAT, "settings": settings, "batches": int(batches),
+             "sums": {k: v.detach().cpu() for k, v in sums.items()}, "complete": complete}
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_state(path: str | os.PathLike, *, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved state at ``path`` if it was made with the same ``settings``; None (with a
+    warning) when there is no file yet, so that the first run of a ``--resume`` job starts.
+
+    Raises RunStateError when the file is not a run state or its settings differ (naming the
+    differing settings).
+
+    Example:
+        >>> load_state("/tmp/no-such-fxgndi-state.pt", settings={})  # doctest: +SKIP
+        None
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        warnings.warn(f"no saved run state at {path!r}: starting from the first batch",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RunStateError(f"cannot read the run state {path!r} ({type(exc).__name__}: {exc});"
+                            " delete it to start again") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise RunStateError(f"{path!r} is not an fxgndi run state; delete it or choose another "
+                            "path")
+    saved = state["settings"]
+    differ = sorted(k for k in set(saved) | set(settings)
+                    if _plain(saved.get(k)) != _plain(settings.get(k)))
+    if differ:
+        detail = ", ".join(f"{k}: saved {_short(saved.get(k))} != now {_short(settings.get(k))}"
+                           for k in differ[:5])
+        raise RunStateError(f"the run state {path!r} belongs to a run with other settings "
+                            f"({detail}); rerun with the same settings, or delete it to start "
+                            "again")
+    return state
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and lists compare alike (a saved tuple may come back as a list)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
