@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable, Sequence
 
 import torch
+
+from .distributed import init_from_env, is_main
 
 EXAMPLES = """examples:
   fxgndi demo
@@ -23,6 +26,10 @@ EXAMPLES = """examples:
   fxgndi validate --model digits-resnet18 --data digits --granularity channel \\
       --baseline channel-mean --truth logit_l2 --plot validity.png
   fxgndi prune --model digits-resnet18 --data digits --sparsity 0.5 --target macs
+  fxgndi score --model resnet50 --data imagefolder:/data/val --granularity channel \\
+      --max-memory 8GB --run-state run.pt --save-every 20      # later: same command + --resume
+  torchrun --nproc-per-node 8 -m fxgndi score --model resnet50 --data imagefolder:/data/val \\
+      --device cuda --granularity channel --json
 """
 
 
@@ -40,9 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     torch.manual_seed(args.seed)
     try:
+        _check_outputs(args)
+        args.device = init_from_env(args.device)
         args.run(args)
+        _report_skipped(args)
     except KeyboardInterrupt:
-        print("fxgndi: interrupted", file=sys.stderr)
+        saved = getattr(args, "run_state", None)
+        print("fxgndi: interrupted" + (f"; the partial sums are in {saved}: rerun the same "
+                                       "command with --resume" if saved else ""), file=sys.stderr)
         return 1
     except Exception as exc:  # one clear line unless --debug
         if args.debug:
@@ -80,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     scorer.add_argument("--p", type=float, default=2.0, help="norm of the output change")
     scorer.add_argument("--mode", default="auto", choices=["auto", "reverse", "forward", "probe"])
     scorer.add_argument("--probes", type=int, default=64, help="Rademacher probes (probe mode)")
+    _long_run_args(scorer)
 
     ablater = _command(sub, "ablate", _run_ablate, "exact effect of do(h := b) at every site",
                        "fxgndi ablate --model digits-resnet18 --data digits --metric logit_l2")
@@ -87,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _site_args(ablater)
     ablater.add_argument("--metric", default="accuracy",
                          choices=["accuracy", "loss", "logit_l2", "kl"])
+    _long_run_args(ablater)
 
     pruner = _command(sub, "prune", _run_prune,
                       "remove the least important channels with torch-pruning",
@@ -144,6 +158,46 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
     p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--strict", action="store_true",
+                   help="fail on an unreadable image instead of skipping it (ImageFolder)")
+
+
+def _long_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory", default=None,
+                   help="memory for activations and tangents, e.g. 4GB: batches and vmap "
+                        "chunks are split to fit")
+    p.add_argument("--run-state", default=None, metavar="PATH",
+                   help="save the partial sums here every --save-every batches (atomically)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --run-state (same command, same data)")
+    p.add_argument("--save-every", type=int, default=50, metavar="N")
+
+
+def _long_run_kwargs(args) -> dict[str, Any]:
+    if args.resume and not args.run_state:
+        raise ValueError("--resume needs --run-state PATH, the file the interrupted run saved")
+    return {"max_memory": args.max_memory, "checkpoint": args.run_state, "resume": args.resume,
+            "save_every": args.save_every}
+
+
+def _check_outputs(args) -> None:
+    """Fail before any work when an output file could not be written."""
+    for flag in ("plot", "run_state"):
+        path = getattr(args, flag, None)
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise FileNotFoundError(f"cannot write --{flag.replace('_', '-')} {path}: folder "
+                                    f"{folder} does not exist or is not writable")
+
+
+def _report_skipped(args) -> None:
+    dataset = getattr(getattr(args, "loaded_data", None), "dataset", None)
+    skipped = getattr(dataset, "skipped", 0)
+    if skipped and is_main():
+        print(f"fxgndi: skipped {skipped} unreadable image(s) (--strict makes this an error): "
+              f"{', '.join(dataset.skipped_files[:5])}", file=sys.stderr)
 
 
 def _site_args(p: argparse.ArgumentParser) -> None:
@@ -160,7 +214,8 @@ def _load(args) -> tuple[torch.nn.Module, Any]:
     from .train import digits_resnet18
 
     data = load_data(args.data, split=args.split, batch_size=args.batch_size, limit=args.limit,
-                     image_size=args.image_size, seed=args.seed)
+                     image_size=args.image_size, seed=args.seed, strict=args.strict)
+    args.loaded_data = data
     if args.model == "digits-resnet18":
         model = digits_resnet18(progress=not args.quiet)
     else:
@@ -178,7 +233,10 @@ def _load(args) -> tuple[torch.nn.Module, Any]:
 
 
 def _emit(args, result) -> None:
-    """Print a Scores or ValidityReport as JSON or a table, and plot it when asked."""
+    """Print a Scores or ValidityReport as JSON or a table, and plot it when asked (on
+    rank 0 only under torchrun)."""
+    if not is_main():
+        return
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     if args.plot:
         result.plot(args.plot)
@@ -237,14 +295,15 @@ def _run_score(args) -> None:
     _emit(args, score(model, data, sites=args.sites, granularity=args.granularity,
                       baseline=args.baseline, p=args.p, steps=args.steps, readout=args.readout,
                       mode=args.mode, probes=args.probes, seed=args.seed,
-                      progress=not args.quiet))
+                      progress=not args.quiet, **_long_run_kwargs(args)))
 
 
 def _run_ablate(args) -> None:
     from .estimate import ablate
     model, data = _load(args)
     _emit(args, ablate(model, data, sites=args.sites, granularity=args.granularity,
-                       baseline=args.baseline, metric=args.metric, progress=not args.quiet))
+                       baseline=args.baseline, metric=args.metric, progress=not args.quiet,
+                       **_long_run_kwargs(args)))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_state, rank_path, save_state
 from .distributed import all_reduce_sums, my_batches, rank_and_world
-from .errors import DataError, NonFiniteError
+from .errors import DataError, FxgndiError, NonFiniteError
 from .graph import InterventionGraph, intervene
 from .runtime import device_of, eval_mode, on_device
 from .scores import Scores, Unit
@@ -381,14 +381,39 @@ def _prepare_graph(model, data, sites, granularity, baseline, device, leaf_modul
             raise ValueError("an InterventionGraph is used on its own device; build it on "
                              f"{target} (move the model there first)")
         if any(s.shape is None for s in graph.sites):
+            example = first_batch(iter_batches(data, device=target))
+            check_accepts(graph, example)
             with eval_mode(graph):
-                graph.describe(first_batch(iter_batches(data, device=target)))
+                graph.describe(example)
         return graph, target
     model, target = on_device(model, device)
     example = first_batch(iter_batches(data, device=target))
+    check_accepts(model, example)
     graph = intervene(model, sites, granularity=granularity, baseline=baseline, data=data,
                       example_inputs=example, leaf_modules=leaf_modules, progress=progress)
     return graph, target
+
+
+def check_accepts(model: nn.Module, x: torch.Tensor) -> None:
+    """Raise DataError, naming the shape, when ``model`` fails on one sample of ``x``.
+
+    Example:
+        >>> check_accepts(nn.Linear(3, 2), torch.zeros(4, 5))
+        Traceback (most recent call last):
+        ...
+        fxgndi.errors.DataError: the model rejects inputs of shape (4, 5) (RuntimeError: ...
+    """
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x[:1])
+    except FxgndiError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise DataError(f"the model rejects inputs of shape {tuple(x.shape)} "
+                        f"({type(exc).__name__}: {reason}); feed it the input size and "
+                        "channels it was built for (e.g. --image-size), or load the matching "
+                        "model") from exc
 
 
 def _all_units(graph: InterventionGraph) -> list[Unit]:

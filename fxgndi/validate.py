@@ -21,7 +21,7 @@ from scipy import stats
 
 from .cost import forward_seconds
 from .criteria import CRITERIA, aggregate, score_channels
-from .estimate import METRICS, ablate, score
+from .estimate import METRICS, ablate, check_accepts, score
 from .graph import InterventionGraph, intervene
 from .report import format_table, pyplot, save_figure
 from .scores import Scores, Unit
@@ -153,6 +153,7 @@ def validate(model: nn.Module, data: Iterable, *, methods: Sequence[str] | None 
     if truth not in METRICS:
         raise ValueError(f"unknown truth {truth!r}: use one of {METRICS}")
     require_reiterable(data)
+    check_accepts(model, first_batch(data))
     graph = intervene(model, sites, granularity=granularity, baseline=baseline, data=data,
                       example_inputs=first_batch(data), progress=progress)
     units = _units(graph, n_channels, seed)
