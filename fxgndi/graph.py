@@ -8,6 +8,7 @@ tangent ``J (b - h)``. One traced module therefore serves every JVP and every ab
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -61,7 +62,11 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
           concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule that shares its parameters (no weight copy).
 
-    Raises UntraceableModelError naming the failing module and suggesting ``leaf_modules`` or
+    The trace is taken in eval mode, so functional calls that read ``self.training`` (stochastic
+    depth, ``F.dropout``) are inert in the graph. A GraphModule (e.g. a depth-pruned model) is
+    copied, not re-traced: re-tracing would rename
+    its nodes and drop the module-stack metadata that names residual-block sites. Raises
+    UntraceableModelError naming the failing module and suggesting ``leaf_modules`` or
     ``concrete_args``.
 
     Example:
@@ -69,9 +74,14 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
         >>> [n.op for n in gm.graph.nodes]
         ['placeholder', 'call_module', 'call_module', 'output']
     """
+    if isinstance(model, fx.GraphModule) and concrete_args is None:
+        return fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
     tracer = GndiTracer(leaf_modules)
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        # In eval mode: torch.fx bakes `self.training` into functional calls (torchvision's
+        # stochastic_depth, F.dropout), and a measurement must not be random.
+        with eval_mode(model):
+            graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # torch.fx raises many types: TraceError, TypeError, ...
         where = (f"module '{tracer.failed_module}' "
                  f"({type(model.get_submodule(tracer.failed_module)).__name__})"

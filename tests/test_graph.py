@@ -144,3 +144,25 @@ def test_untraceable_model_names_the_module_and_the_fix():
         fxgndi.intervene(Untraceable(), "linear")
     g = fxgndi.intervene(Untraceable(), ["inner", "linear"], leaf_modules=["inner"])
     assert g.site_names == ["inner", "fc"]
+
+
+def test_trace_is_taken_in_eval_mode():
+    class FunctionalDropout(nn.Module):
+        def forward(self, x):
+            return nn.functional.dropout(x, 0.5, self.training)
+
+    model = FunctionalDropout().train()
+    gm = fxgndi.trace(model)
+    x = torch.ones(1000)
+    assert torch.equal(gm(x), x)  # torch.fx baked training=False: no random zeros
+    assert model.training  # and the model's own flag is restored
+
+
+def test_a_graph_module_is_copied_not_retraced():
+    model = torchvision.models.resnet18(num_classes=10)
+    once = fxgndi.trace(model)
+    twice = fxgndi.trace(once)
+    assert twice is not once and twice.graph is not once.graph
+    assert [n.name for n in twice.graph.nodes] == [n.name for n in once.graph.nodes]
+    blocks = fxgndi.intervene(twice, "block").site_names
+    assert blocks[:2] == ["layer1.0", "layer1.1"]  # module names survive, not "add", "add_1"
