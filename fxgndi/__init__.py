@@ -9,6 +9,7 @@ Example:
 """
 
 from .baselines import calibrate
+from .depth import DepthPruneResult, prune_depth
 from .errors import (DataError, FxgndiError, NonFiniteError, SiteSelectionError,
                      UntraceableModelError)
 from .estimate import ablate, readout, score
@@ -22,7 +23,8 @@ from .validate import ValidityReport, validate
 __version__ = "0.1.0"
 
 __all__ = [
-    "ablate", "calibrate", "intervene", "prune", "readout", "score", "trace", "validate",
-    "GNDIImportance", "InterventionGraph", "PruneResult", "Scores", "Site", "ValidityReport",
+    "ablate", "calibrate", "intervene", "prune", "prune_depth", "readout", "score", "trace",
+    "validate", "DepthPruneResult", "GNDIImportance", "InterventionGraph", "PruneResult",
+    "Scores", "Site", "ValidityReport",
     "DataError", "FxgndiError", "NonFiniteError", "SiteSelectionError", "UntraceableModelError",
 ]

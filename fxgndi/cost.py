@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
+import torch_pruning as tp
 
 from .runtime import device_of, eval_mode
-from .streams import iter_batches
+from .streams import first_batch, iter_batches
 
 
 def forward_seconds(model: nn.Module, data: Iterable, *, max_batches: int | None = None,
@@ -36,3 +37,31 @@ def forward_seconds(model: nn.Module, data: Iterable, *, max_batches: int | None
                 torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - start)
     return best
+
+
+def count_macs_params(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]
+                      ) -> tuple[float, float]:
+    """``(MACs, parameters)`` of one eval-mode forward pass, by torch-pruning's counter.
+
+    Example:
+        >>> count_macs_params(nn.Linear(3, 2), torch.zeros(1, 3))
+        (8.0, 8)
+    """
+    with eval_mode(model), torch.no_grad():
+        return tp.utils.count_ops_and_params(model, example_inputs)
+
+
+def example_inputs(data: Iterable, given: Any = None, device: torch.device | str = "cpu"
+                   ) -> Any:
+    """The input costs are counted on: ``given`` moved to ``device``, else the first sample
+    of ``data``.
+
+    Example:
+        >>> example_inputs([torch.zeros(8, 3)]).shape
+        torch.Size([1, 3])
+    """
+    if given is None:
+        return first_batch(iter_batches(data, device=torch.device(device)))[:1]
+    if isinstance(given, torch.Tensor):
+        return given.to(device)
+    return [t.to(device) if isinstance(t, torch.Tensor) else t for t in given]
