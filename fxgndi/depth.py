@@ -267,8 +267,8 @@ def _adds(node: fx.Node, branch: fx.Node) -> bool:
 
 def _not_removable(branch: fx.Node, skip: fx.Node, add: fx.Node) -> str | None:
     if not _feeds(skip, branch):
-        return ("projection shortcut: the block changes shape (its skip is computed by "
-                f"'{skip.target}'), so it cannot become an identity")
+        return (f"projection shortcut ({skip.target}): the block changes shape, so it "
+                "cannot become an identity")
     shapes = [_shape(n) for n in (branch, skip, add)]
     if None in shapes or len(set(shapes)) != 1:
         return f"branch, skip and output shapes differ ({shapes}): removal would change a shape"

@@ -207,3 +207,18 @@ def test_width_pruning_after_depth_pruning(resnet, data):
     with torch.no_grad():
         out = both.model.eval()(data[0])
     assert out.shape == (6, 10) and both.macs_after < depth.macs_after
+
+
+def test_cli_prune_depth(capsys):
+    import json
+
+    from fxgndi.cli import main
+    common = ["--model", "resnet18", "--data", "digits", "--limit", "8", "--batch-size", "4",
+              "--quiet"]
+    assert main(["prune-depth", *common, "--blocks", "1", "--criterion", "random",
+                 "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert len(printed["removed"]) == 1 and printed["macs_after"] < printed["macs_before"]
+    assert set(printed["accuracy"]) == {"before", "after"}
+    assert main(["prune-depth", *common]) == 1
+    assert "--blocks N" in capsys.readouterr().err
