@@ -117,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     pruner.add_argument("--compensate", action="store_true",
                         help="fold removed channels' means into the consumers' biases")
 
+    depth = _command(sub, "prune-depth", _run_prune_depth,
+                     "remove whole residual branches, least causally important first",
+                     "fxgndi prune-depth --model digits-resnet18 --data digits --blocks 2")
+    _model_args(depth)
+    depth.add_argument("--blocks", type=int, default=None, help="how many blocks to remove")
+    depth.add_argument("--target", default=None, choices=["macs", "params", "latency"],
+                       help="instead of --blocks: remove blocks until --sparsity of this is gone")
+    depth.add_argument("--sparsity", type=float, default=None)
+    depth.add_argument("--criterion", default="gndi", choices=["gndi", "ablation", "random"])
+    depth.add_argument("--baseline", default="zero", choices=["zero", "channel-mean"],
+                       help="what a removed branch becomes: nothing, or its per-channel mean")
+    depth.add_argument("--no-greedy", dest="greedy", action="store_false",
+                       help="rank once instead of re-scoring after each removal")
+
     validator = _command(sub, "validate", _run_validate,
                          "how well each importance measure ranks the exact ablation effect",
                          "fxgndi validate --model digits-resnet18 --data digits "
@@ -259,6 +273,26 @@ def _run_prune(args) -> None:
     result = prune(model, data, sparsity=args.sparsity, target=args.target,
                    importance=args.importance, global_pruning=args.global_pruning,
                    compensate=args.compensate, seed=args.seed, progress=not args.quiet)
+    accuracy = {"before": evaluate(model, data)["accuracy"],
+                "after": evaluate(result.model, data)["accuracy"]}
+    if args.json:
+        print(json.dumps({**result.to_dict(), "accuracy": accuracy}, indent=2))
+    else:
+        print(result.table())
+        print(f"\naccuracy on the {args.split} split: {accuracy['before']:.1%} before, "
+              f"{accuracy['after']:.1%} after (no fine-tuning)")
+
+
+def _run_prune_depth(args) -> None:
+    from .depth import prune_depth
+    from .train import evaluate
+    if args.blocks is None and args.target is None:
+        raise ValueError("say how much to remove: --blocks N, or --target macs --sparsity 0.3")
+    model, data = _load(args)
+    result = prune_depth(model, data, n_blocks=args.blocks, target=args.target,
+                         sparsity=args.sparsity, criterion=args.criterion,
+                         baseline=args.baseline, greedy=args.greedy, seed=args.seed,
+                         progress=not args.quiet)
     accuracy = {"before": evaluate(model, data)["accuracy"],
                 "after": evaluate(result.model, data)["accuracy"]}
     if args.json:
