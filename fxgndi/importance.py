@@ -65,9 +65,11 @@ class Tap:
     channel_dim: int
 
 
-def tap_consumers(model: nn.Module, *, leaf_modules: Iterable[str | type] = ()
+def tap_consumers(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
+                  consumers: dict[type, int] | None = None
                   ) -> tuple[fx.GraphModule, list[Tap]]:
-    """Trace ``model`` and put an ``nn.Identity`` tap on the input edge of every conv / linear call.
+    """Trace ``model`` and put an ``nn.Identity`` tap on the input edge of every conv / linear call
+    and of every call of a ``consumers`` class (traced as a leaf; the value is its channel dim).
 
     The GraphModule shares the model's parameters; only the tapped layer sees the tap, other users
     of the same tensor (a residual skip) do not.
@@ -77,17 +79,20 @@ def tap_consumers(model: nn.Module, *, leaf_modules: Iterable[str | type] = ()
         >>> [(t.module, t.channel_dim) for t in taps]
         [('0', -1), ('2', -1)]
     """
-    gm = trace(model, leaf_modules=leaf_modules)
+    consumers = dict(consumers or {})
+    gm = trace(model, leaf_modules=(*leaf_modules, *consumers))
     modules = dict(gm.named_modules())
     taps: list[Tap] = []
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         module = modules[node.target]
-        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        extra = next((d for t, d in consumers.items() if isinstance(module, t)), None)
+        if extra is None and not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
             continue
-        tap = Tap(f"{TAP_PREFIX}{len(taps)}", node.target,
-                  1 if isinstance(module, nn.modules.conv._ConvNd) else -1)
+        channel_dim = extra if extra is not None else \
+            1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+        tap = Tap(f"{TAP_PREFIX}{len(taps)}", node.target, channel_dim)
         gm.add_submodule(tap.name, nn.Identity())
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(tap.name, (node.args[0],))
@@ -251,6 +256,9 @@ class GNDIImportance(tp.importance.Importance):
             "standarization", "gaussian", "lamp", "sentinel_<q>", or a callable); None keeps
             the raw effects, on one scale (the readout's) across groups.
         max_batches: read at most this many batches of ``data``.
+        consumers: module class -> channel dim of the modules, besides conv / linear layers,
+            that read a group's channels as a whole (a torch-pruning customized pruner's
+            in-channels, e.g. Swin's patch merging): traced as leaves and tapped.
 
     Example:
         >>> import torchvision
@@ -265,7 +273,8 @@ class GNDIImportance(tp.importance.Importance):
     def __init__(self, data: Iterable, *, method: str = "gndi", readout: str = "logits",
                  baseline: str = "zero", p: float = 2, normalizer: Any = None,
                  max_batches: int | None = None, chunk_size: int | None = None,
-                 leaf_modules: Sequence[str | type] = (), progress: bool = False) -> None:
+                 leaf_modules: Sequence[str | type] = (), progress: bool = False,
+                 consumers: dict[type, int] | None = None) -> None:
         _check_choice("method", method, METHODS)
         _check_choice("readout", readout, READOUTS)
         _check_choice("baseline", baseline, ("zero", "mean", "channel-mean"))
@@ -280,6 +289,7 @@ class GNDIImportance(tp.importance.Importance):
         self.normalizer = normalizer
         self.max_batches, self.chunk_size = max_batches, chunk_size
         self.leaf_modules, self.progress = tuple(leaf_modules), progress
+        self.consumers = dict(consumers or {})
         self._signature: tuple | None = None
         self._model: nn.Module | None = None
         self._state: dict[str, Any] = {}
@@ -305,7 +315,8 @@ class GNDIImportance(tp.importance.Importance):
     def _build(self, model: nn.Module) -> None:
         """Tap the consumers of ``model`` and set the taps' baselines."""
         start = time.perf_counter()
-        gm, taps = tap_consumers(model, leaf_modules=self.leaf_modules)
+        gm, taps = tap_consumers(model, leaf_modules=self.leaf_modules,
+                                 consumers=self.consumers)
         graph = intervene(gm, sites=[t.name for t in taps], granularity="channel")
         for site, tap in zip(graph.sites, taps):
             site.channel_dim = tap.channel_dim  # a Linear reading NHWC has channels last

@@ -18,9 +18,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 
+from . import architectures
 from .errors import FxgndiError, UntraceableModelError
 from .graph import trace
 from .compensate import compensate_group, consumer_input_means
+from .recalibrate import recalibrate_bn as recalibrate_statistics
 from .importance import GNDIImportance, check_importance_length
 from .report import format_table
 from .runtime import device_of, eval_mode
@@ -131,7 +133,8 @@ def prune(model: nn.Module, data: Iterable, *,
           importance: str | tp.importance.Importance = "gndi", global_pruning: bool = False,
           iterative_steps: int = 1, round_to: int | None = None,
           ignored_layers: str | Sequence[nn.Module | str] | None = "auto",
-          compensate: bool = False, finetune: dict[str, Any] | None = None,
+          compensate: bool = False, recalibrate_bn: bool = False,
+          finetune: dict[str, Any] | None = None,
           inplace: bool = False, importance_options: dict[str, Any] | None = None,
           max_batches: int | None = None, tolerance: float = 0.02, seed: int = 0,
           progress: bool = False) -> PruneResult:
@@ -163,6 +166,9 @@ def prune(model: nn.Module, data: Iterable, *,
             layers and 1x1 or unpadded convs. Behind a zero-padded conv the shift differs at
             the borders and the bias gets its spatial mean: small maps (a 32 px ResNet's last
             stages) lose much of the benefit (see :func:`fold_into_bias`).
+        recalibrate_bn: after pruning, re-estimate every BatchNorm's running mean and variance
+            on ``data`` (:func:`fxgndi.recalibrate.recalibrate_bn`; no weight changes): the
+            removed channels change what downstream BatchNorms see. Before ``finetune``.
         finetune: ``dict(epochs=..., lr=..., ...)`` for :func:`fxgndi.train.train_classifier`
             on ``data`` after pruning (None: no fine-tuning).
         inplace: prune ``model`` itself.
@@ -181,8 +187,9 @@ def prune(model: nn.Module, data: Iterable, *,
     _check_arguments(sparsity, target, importance, iterative_steps, tolerance, finetune)
     device = device_of(model)
     example = _example_inputs(data, example_inputs, device)
+    plan = architectures.plan_for(model)
     scorer = _make_importance(importance, data, compensate, importance_options, max_batches,
-                              progress)
+                              progress, plan)
     macs0, params0 = _count(model, example)
     channels0 = _out_channels(model)
     ignored_names = _ignored_names(model, ignored_layers, example)
@@ -203,6 +210,8 @@ def prune(model: nn.Module, data: Iterable, *,
         ratio, (pruned, kept) = _search_ratio(run, measure, sparsity, tolerance, target)
         if inplace:
             pruned, kept = run(ratio, model)
+    if recalibrate_bn:
+        recalibrate_statistics(pruned, data, max_batches=max_batches)
     if finetune:
         options = {"progress": progress, **finetune}
         with eval_mode(pruned):
@@ -212,9 +221,11 @@ def prune(model: nn.Module, data: Iterable, *,
     settings = {"importance": importance if isinstance(importance, str)
                 else type(importance).__name__, "target": target, "sparsity": sparsity,
                 "global_pruning": global_pruning, "iterative_steps": iterative_steps,
-                "round_to": round_to, "compensate": compensate, "finetune": finetune,
+                "round_to": round_to, "compensate": compensate,
+                "recalibrate_bn": recalibrate_bn, "finetune": finetune,
                 "ignored_layers": ignored_names,
-                "importance_options": dict(importance_options or {})}
+                "importance_options": dict(importance_options or {}),
+                "architectures": plan.families}
     if isinstance(scorer, GNDIImportance):
         settings["importance_options"].update(baseline=scorer.baseline, readout=scorer.readout,
                                               p=scorer.p)
@@ -291,14 +302,18 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
     """Prune ``model`` in place; returns the original indices of the kept outputs and inputs."""
     checked = _CheckedImportance(importance)
     tracker = _ChannelTracker(model)
+    plan = architectures.plan_for(model)
     with eval_mode(model), torch.random.fork_rng(devices=_cuda(model)), \
             torch.enable_grad():
         torch.manual_seed(seed)
         try:
-            pruner = tp.pruner.BasePruner(
-                model, example, importance=checked, global_pruning=global_pruning,
-                pruning_ratio=ratio, iterative_steps=iterative_steps, ignored_layers=ignored,
-                round_to=round_to)
+            with architectures.tracing(model, plan):
+                pruner = tp.pruner.BasePruner(
+                    model, example, importance=checked, global_pruning=global_pruning,
+                    pruning_ratio=ratio, iterative_steps=iterative_steps,
+                    ignored_layers=ignored, round_to=round_to, **plan.pruner_options())
+            pruner.ignored_layers.extend(
+                architectures.unprunable_layers(pruner.DG, pruner.root_module_types))
         except Exception as exc:  # torch-pruning raises bare errors from deep inside
             raise FxgndiError(
                 f"torch-pruning {tp.__version__} could not build the dependency graph of "
@@ -316,6 +331,8 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
                 group.prune()
             for p in model.parameters():
                 p.grad = None
+    for fix in plan.after:
+        fix(model)
     return tracker.kept()
 
 
@@ -488,7 +505,8 @@ def _example_inputs(data: Iterable, example: Any, device: torch.device) -> Any:
 
 def _make_importance(importance: Any, data: Iterable, compensate: bool,
                      options: dict[str, Any] | None, max_batches: int | None,
-                     progress: bool) -> tp.importance.Importance:
+                     progress: bool, plan: architectures.ArchitecturePlan | None = None
+                     ) -> tp.importance.Importance:
     if isinstance(importance, tp.importance.Importance):
         if options:
             raise ValueError("importance_options configure a named importance; an Importance "
@@ -499,6 +517,8 @@ def _make_importance(importance: Any, data: Iterable, compensate: bool,
         options.setdefault("baseline", "channel-mean" if compensate else "zero")
         options.setdefault("max_batches", max_batches)
         options.setdefault("progress", progress)
+        if plan is not None and plan.consumers:
+            options.setdefault("consumers", plan.consumers)
     return make_importance(importance, data, **options)
 
 
