@@ -175,6 +175,10 @@ def prune(model: nn.Module, data: Iterable, *,
         max_batches: read at most this many batches of ``data`` for scoring and means.
         seed: seeds ``"random"`` importance (and anything else random in pruning).
 
+    Channel shuffles (ShuffleNetV2), windowed attention (Swin V1 / V2), partition attention
+    (MaxViT) and ``nn.MultiheadAttention`` (ViT) are recognised from the model's modules and
+    handled by :mod:`fxgndi.architectures` (named in ``settings["architectures"]``).
+
     Example:
         >>> import torchvision
         >>> from fxgndi.data import load_data
