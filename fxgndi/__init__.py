@@ -13,6 +13,7 @@ from .depth import DepthPruneResult, prune_depth
 from .errors import (DataError, FxgndiError, NonFiniteError, SiteSelectionError,
                      UntraceableModelError)
 from .estimate import ablate, readout, score
+from .export import ExportResult, export, load
 from .graph import InterventionGraph, intervene, trace
 from .importance import GNDIImportance
 from .prune import PruneResult, prune
@@ -23,8 +24,8 @@ from .validate import ValidityReport, validate
 __version__ = "0.1.0"
 
 __all__ = [
-    "ablate", "calibrate", "intervene", "prune", "prune_depth", "readout", "score", "trace",
-    "validate", "DepthPruneResult", "GNDIImportance", "InterventionGraph", "PruneResult",
-    "Scores", "Site", "ValidityReport",
+    "ablate", "calibrate", "export", "intervene", "load", "prune", "prune_depth", "readout",
+    "score", "trace", "validate", "DepthPruneResult", "ExportResult", "GNDIImportance",
+    "InterventionGraph", "PruneResult", "Scores", "Site", "ValidityReport",
     "DataError", "FxgndiError", "NonFiniteError", "SiteSelectionError", "UntraceableModelError",
 ]
