@@ -222,3 +222,40 @@ def test_cli_prune_depth(capsys):
     assert set(printed["accuracy"]) == {"before", "after"}
     assert main(["prune-depth", *common]) == 1
     assert "--blocks N" in capsys.readouterr().err
+
+
+def _small(name: str) -> torch.nn.Module:
+    if name == "swin":
+        from torchvision.models.swin_transformer import SwinTransformer
+        return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                               window_size=[4, 4], num_classes=10)
+    if name == "convnext":
+        from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+        return ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 2)],
+                        num_classes=10)
+    return torchvision.models.get_model(name, weights=None, num_classes=10)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf",
+                                  "convnext", "swin"])
+def test_families_equal_the_intervened_graph(name):
+    """Each family's pruned model equals the unpruned graph with alpha = 1 at the removed
+    branches (the Intervention node computes the same do() without rewriting anything)."""
+    import fxgndi
+    torch.manual_seed(0)
+    model = _small(name).eval()
+    for m in model.modules():  # non-zero biases, so that no branch is trivially silent
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)) and m.bias is not None:
+            m.bias.data.uniform_(-0.5, 0.5)
+        if hasattr(m, "layer_scale"):  # ConvNeXt starts its branches at 1e-6
+            m.layer_scale.data.fill_(0.5)
+    x = torch.randn(3, 3, 32, 32)
+    r = prune_depth(model, [x], n_blocks=2, criterion="random")
+    graph = fxgndi.intervene(model, sites=r.removed)
+    with torch.no_grad():
+        expected = graph(x, alphas={b: torch.ones(3) for b in r.removed})
+        got = r.model.eval()(x)
+        effect = (expected - model(x)).abs().max()
+    # The removal matters far more than the difference between the two computations.
+    assert (got - expected).abs().max() < 1e-3 * effect
+    assert r.params_after < r.params_before
