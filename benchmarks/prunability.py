@@ -24,7 +24,7 @@ import time
 import traceback
 from typing import Any
 
-COLUMNS = ["model", "traced", "pruned", "forward", "macs_before", "macs_after",
+COLUMNS = ["model", "traced", "scored", "pruned", "forward", "macs_before", "macs_after",
            "params_before", "params_after", "seconds", "error"]
 _MARK = "PRUNABILITY_RESULT "
 
@@ -71,7 +71,8 @@ def run_one(name: str, importance: str, sparsity: float, batch: int, num_classes
     from fxgndi.models import load_model
     from fxgndi.prune import prune
 
-    row: dict[str, Any] = {"model": name, "traced": False, "pruned": False, "forward": False}
+    row: dict[str, Any] = {"model": name, "traced": False, "scored": False, "pruned": False,
+                           "forward": False}
     torch.manual_seed(0)
     size = size or image_size(name)
     model = load_model(name, num_classes=num_classes)
@@ -85,7 +86,7 @@ def run_one(name: str, importance: str, sparsity: float, batch: int, num_classes
         stage = "prune"
         result = prune(model, [(x, y)], example_inputs=x[:1], sparsity=sparsity,
                        importance=importance)
-        row.update(pruned=True, macs_before=result.macs_before, macs_after=result.macs_after,
+        row.update(scored=True, pruned=True, macs_before=result.macs_before, macs_after=result.macs_after,
                    params_before=result.params_before, params_after=result.params_after,
                    architectures=result.settings.get("architectures", []))
         stage = "forward"
@@ -97,6 +98,9 @@ def run_one(name: str, importance: str, sparsity: float, batch: int, num_classes
     except Exception as exc:  # the sweep records every failure with its cause
         row["error"] = f"{stage}: {type(exc).__name__}: {exc}"
         row["traceback"] = traceback.format_exc(limit=-8)
+        if stage == "prune":  # scored unless the importance itself raised
+            frames = [f.filename for f in traceback.extract_tb(exc.__traceback__)]
+            row["scored"] = not any(f.endswith("importance.py") for f in frames)
     row["seconds"] = time.perf_counter() - start
     return row
 
@@ -175,10 +179,11 @@ def table(rows: list[dict[str, Any]]) -> str:
         params = ((r["params_before"] / 1e6, r["params_after"] / 1e6) if r.get("pruned")
                   else ("", ""))
         kept = f"{r['macs_after'] / r['macs_before']:.3f}" if r.get("pruned") else ""
-        out.append((r["model"], mark(r["traced"]), mark(r["pruned"]), mark(r["forward"]),
+        out.append((r["model"], mark(r["traced"]), mark(r.get("scored", r["pruned"] or None)),
+                    mark(r["pruned"]), mark(r["forward"]),
                     *macs, kept, *params, r["seconds"],
                     ", ".join(r.get("architectures", [])), r.get("error", "")[:90]))
-    return format_table(out, ["model", "traced", "pruned", "forward", "GMACs before",
+    return format_table(out, ["model", "traced", "scored", "pruned", "forward", "GMACs before",
                               "after", "MACs kept", "Mparams before", "after", "seconds",
                               "handling", "error"], floatfmt=".3f")
 
@@ -195,6 +200,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model")
     parser.add_argument("--out", help="JSON file (a CSV is written beside it); merged into "
                         "when it exists")
+    parser.add_argument("--report", action="store_true",
+                        help="print the table of the --out file; run nothing")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the per-model subprocess
     args = parser.parse_args(argv)
     if args.one:
@@ -203,7 +210,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     settings = {k: getattr(args, k) for k in ("importance", "sparsity", "batch",
                                                "num_classes", "timeout")}
     rows = _load(args.out)
-    names = select_models(args.models)
+    names = [] if args.report else select_models(args.models)
     for i, name in enumerate(names):
         row = _run_in_subprocess(name, args)
         rows[name] = row
@@ -212,8 +219,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if args.out:
             _save(args.out, rows, settings)
     done = [rows[k] for k in sorted(rows)]
-    print(f"importance={args.importance}, channel ratio {args.sparsity}, batch {args.batch}, "
-          f"num_classes={args.num_classes}, 224 px (299 for inception_v3)")
+    if args.report and args.out:
+        with open(args.out) as f:
+            settings = json.load(f)["settings"]
+    print(f"importance={settings['importance']}, channel ratio {settings['sparsity']}, batch "
+          f"{settings['batch']}, num_classes={settings['num_classes']}, 224 px (299 for "
+          "inception_v3)")
     print(table(done))
     ok = sum(bool(r["forward"]) for r in done)
     print(f"{ok} of {len(done)} pruned and ran a forward pass")
