@@ -17,7 +17,6 @@ import math
 import os
 import re
 import time
-import weakref
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -123,25 +122,38 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *, sites: SiteSp
     start = time.perf_counter()
     graph, device, units = _prepare(model, data, sites, granularity, baseline, device,
                                     leaf_modules, progress, channels)
-    chosen = mode
+    chosen, plan, costs = mode, {}, {}
 
     def norms_of_batch(x: torch.Tensor, y: torch.Tensor | None, index: int) -> torch.Tensor:
         nonlocal chosen
         if y is not None:
             _check_labels(graph(x[:1]), y)
+        k_out = _readout_width(graph, x, y, readout)
         if chosen == "auto":
-            k_out = _readout_width(graph, x, y, readout)
             chosen = "forward" if steps > 1 or len(units) < k_out else "reverse"
         z = None
         if chosen == "probe":  # drawn per batch, so that shards and resumed runs agree
             generator = torch.Generator().manual_seed(_batch_seed(seed, index))
-            k = _readout_width(graph, x, y, readout)
-            z = (2 * torch.randint(0, 2, (probes, x.shape[0], k), generator=generator) - 1)
-        piece, chunk = _plan(graph, x, y, readout, chosen, units, budget, chunk_size, steps)
-        out = [_norms(graph, xs, ys, readout, chosen, units, p, steps, chunk,
-                      None if z is None else z[:, lo:lo + xs.shape[0]])
-               for lo, xs, ys in _pieces(x, y, piece)]
-        norms = torch.cat(out, 0)
+            z = (2 * torch.randint(0, 2, (probes, x.shape[0], k_out), generator=generator) - 1)
+
+        def step(xs, ys, chunk, lo=0):
+            return _norms(graph, xs, ys, readout, chosen, units, p, steps, chunk,
+                          None if z is None else z[:, lo:lo + xs.shape[0]])
+
+        def trial(xs, ys, n):  # the step on n vmapped copies (outputs, probes or units)
+            if chosen == "reverse":
+                cot = torch.eye(k_out, dtype=xs.dtype, device=xs.device)[:n, None, :]
+                reverse_tangents(graph, xs, ys, readout, n, cot.expand(n, xs.shape[0], k_out))
+            elif chosen == "probe":
+                _probe_norms(graph, xs, ys, readout, z[:n, :xs.shape[0]], n, units)
+            else:
+                forward_tangents(graph, xs, ys, readout, units[:n], 0.0, n)
+
+        copies = {"reverse": k_out, "probe": probes, "forward": len(units)}[chosen]
+        piece, chunk = _plan(trial, x, y, copies, budget, chunk_size,
+                             costs.setdefault((tuple(x.shape[1:]), chosen), {}))
+        plan.update(samples_per_step=piece, chunk=chunk)
+        norms = torch.cat([step(xs, ys, chunk, lo) for lo, xs, ys in _pieces(x, y, piece)], 0)
         _check_finite(norms, units, "G-NDI tangents")
         return norms
 
@@ -158,7 +170,7 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *, sites: SiteSp
                             settings=settings)
     meta = {"readout": readout, "p": p, "steps": steps, "mode": chosen,
             "baseline": baseline if isinstance(baseline, str) else "custom",
-            "granularity": graph.granularity}
+            "granularity": graph.granularity, **_memory_meta(budget, plan)}
     return Scores(units, stats.mean.numpy(), stats.stderr.numpy(), stats.count, "gndi",
                   time.perf_counter() - start, meta)
 
@@ -192,16 +204,24 @@ def ablate(model: nn.Module | InterventionGraph, data: Iterable, *, sites: SiteS
     graph, device, units = _prepare(model, data, sites, granularity, baseline, device,
                                     leaf_modules, progress, channels)
 
+    plan, costs = {}, {}
+
+    def step(xs: torch.Tensor, ys: torch.Tensor | None, chunk: int | None) -> torch.Tensor:
+        reference = graph(xs)
+        _check_labels(reference, ys)
+        effects = [_effect(reference, o, ys, metric)
+                   for o in ablated_outputs(graph, xs, units, chunk)]
+        return torch.cat(effects, 0).T  # [B, units]
+
+    def trial(xs: torch.Tensor, ys: torch.Tensor | None, n: int) -> None:
+        graph(xs)
+        list(ablated_outputs(graph, xs, units[:n], n))
+
     def effects_of_batch(x: torch.Tensor, y: torch.Tensor | None, index: int) -> torch.Tensor:
-        piece, chunk = _plan(graph, x, y, "logits", "ablate", units, budget, chunk_size)
-        out = []
-        for _, xs, ys in _pieces(x, y, piece):
-            reference = graph(xs)
-            _check_labels(reference, ys)
-            effects = [_effect(reference, o, ys, metric)
-                       for o in ablated_outputs(graph, xs, units, chunk)]
-            out.append(torch.cat(effects, 0).T)  # [B, units]
-        values = torch.cat(out, 0)
+        piece, chunk = _plan(trial, x, y, len(units), budget, chunk_size,
+                             costs.setdefault(tuple(x.shape[1:]), {}))
+        plan.update(samples_per_step=piece, chunk=chunk)
+        values = torch.cat([step(xs, ys, chunk) for _, xs, ys in _pieces(x, y, piece)], 0)
         _check_finite(values, units, "ablation effects")
         return values
 
@@ -216,7 +236,7 @@ def ablate(model: nn.Module | InterventionGraph, data: Iterable, *, sites: SiteS
                             checkpoint=checkpoint, resume=resume, save_every=save_every,
                             settings=settings)
     meta = {"metric": metric, "baseline": baseline if isinstance(baseline, str) else "custom",
-            "granularity": graph.granularity}
+            "granularity": graph.granularity, **_memory_meta(budget, plan)}
     return Scores(units, stats.mean.numpy(), stats.stderr.numpy(), stats.count, "ablation",
                   time.perf_counter() - start, meta)
 
@@ -384,13 +404,14 @@ def _prepare_graph(model, data, sites, granularity, baseline, device, leaf_modul
             example = first_batch(iter_batches(data, device=target))
             check_accepts(graph, example)
             with eval_mode(graph):
-                graph.describe(example)
+                graph.describe(example[:1])
         return graph, target
     model, target = on_device(model, device)
     example = first_batch(iter_batches(data, device=target))
     check_accepts(model, example)
+    # One sample records the shapes: a whole batch would cost memory outside max_memory.
     graph = intervene(model, sites, granularity=granularity, baseline=baseline, data=data,
-                      example_inputs=example, leaf_modules=leaf_modules, progress=progress)
+                      example_inputs=example[:1], leaf_modules=leaf_modules, progress=progress)
     return graph, target
 
 
@@ -527,61 +548,50 @@ def parse_bytes(size: int | float | str | None) -> int | None:
     return int(value)
 
 
-# Working set of one vmapped step, in multiples of the largest per-sample tensor of the
-# forward (M), per vmapped copy: a backward holds the incoming and outgoing gradient and a
-# temporary; a JVP carries a primal and a tangent, in and out; an ablation a copy in and out
-# plus the reference.
-_COPIES = {"reverse": 3, "probe": 3, "forward": 4, "ablate": 3}
-
-
-def _plan(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None, kind: str,
-          mode: str, units: Sequence[Unit], budget: int | None, chunk_size: int | None,
-          steps: int = 1) -> tuple[int, int | None]:
+def _plan(trial: Callable[[torch.Tensor, torch.Tensor | None, int], Any], x: torch.Tensor,
+          y: torch.Tensor | None, copies: int, budget: int | None, chunk_size: int | None,
+          cost: dict[str, int]) -> tuple[int, int | None]:
     """``(samples per piece, vmap chunk)`` that keep one step within ``budget`` bytes.
 
-    Memory of a step on ``b`` samples with ``c`` vmapped copies is modelled as
-    ``b * (S + c * k * M)``: ``S`` the bytes a reverse pass keeps for its backward (every
-    tensor one sample's forward creates, an upper bound; 0 for forward mode and ablations),
-    ``M`` the largest tensor of one sample's forward, ``k`` from ``_COPIES``.
+    ``trial(x, y, n)`` runs the step on ``n`` vmapped copies only. Memory on ``b`` samples
+    with a chunk of ``c`` copies is bounded by ``b * (fixed + c * per_copy)``, both measured
+    on one sample by :func:`created_bytes` (every tensor the step creates, counted as if none
+    were freed: an upper bound) with one and with two copies. ``copies`` caps the chunk
+    (outputs for reverse mode, units for forward mode and ablations); ``cost`` caches the
+    measurement (one per input shape and mode).
     """
     if budget is None:
         return x.shape[0], chunk_size
-    total, largest = activation_bytes(graph, x)
-    saved = total if mode in ("reverse", "probe") else 0
-    per_copy = _COPIES[mode] * largest
-    piece = min(x.shape[0], budget // (saved + per_copy))
+    if not cost:
+        one = x[:1], None if y is None else y[:1]
+        single = created_bytes(lambda: trial(*one, 1))
+        per_copy = created_bytes(lambda: trial(*one, 2)) - single if copies > 1 else single
+        cost["per_copy"] = max(per_copy, 1)
+        cost["fixed"] = max(single - cost["per_copy"], 0)
+    fixed, per_copy = cost["fixed"], cost["per_copy"]
+    piece = min(x.shape[0], budget // (fixed + per_copy))
     if piece < 1:
-        need = (saved + per_copy) / 2 ** 20
-        raise ValueError(f"max_memory={budget / 2 ** 20:.0f} MiB is below the {need:.0f} MiB "
-                         f"that one sample needs in {mode} mode for inputs of shape "
-                         f"{tuple(x.shape[1:])}: raise max_memory or use smaller inputs")
-    copies = (_readout_width(graph, x, y, kind) if mode == "reverse" else
-              len(units) if mode in ("forward", "ablate") else 10 ** 9)
-    fit = max(1, (budget // piece - saved) // per_copy)
+        raise ValueError(f"max_memory={budget / 2 ** 20:.0f} MiB is below the "
+                         f"{(fixed + per_copy) / 2 ** 20:.1f} MiB that one sample needs for "
+                         f"inputs of shape {tuple(x.shape[1:])}: raise max_memory or use "
+                         "smaller inputs")
+    fit = max(1, (budget // piece - fixed) // per_copy)
     return piece, int(min(fit, copies, chunk_size or fit))
 
 
-_PROFILES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+def created_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of all the tensors that ``fn()`` creates (views and in-place results excluded).
 
-
-def activation_bytes(graph: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """``(total, largest)`` bytes of the tensors that one sample's forward creates.
-
-    Counted on every aten operation (a dispatch mode) of a forward of ``x[:1]``; cached per
-    graph and input shape.
+    An upper bound of its peak tensor memory: frees are not subtracted.
 
     Example:
-        >>> activation_bytes(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), torch.zeros(2, 4))
-        (64, 32)
+        >>> created_bytes(lambda: torch.zeros(4, 8).add(1).relu_())
+        256
     """
-    key = (tuple(x.shape[1:]), x.dtype, x.device)
-    cache = _PROFILES.setdefault(graph, {})
-    if key not in cache:
-        counter = _ByteCounter()
-        with torch.no_grad(), counter:
-            graph(x[:1])
-        cache[key] = (counter.total, counter.largest)
-    return cache[key]
+    counter = _ByteCounter()
+    with counter:
+        fn()
+    return counter.total
 
 
 class _ByteCounter(TorchDispatchMode):
@@ -603,6 +613,11 @@ class _ByteCounter(TorchDispatchMode):
                     self.total += size
                     self.largest = max(self.largest, size)
         return out
+
+
+def _memory_meta(budget: int | None, plan: dict[str, Any]) -> dict[str, Any]:
+    """``max_memory`` and the split it chose (of the last batch), for Scores.meta."""
+    return {} if budget is None else {"max_memory": budget, **plan}
 
 
 def _pieces(x: torch.Tensor, y: torch.Tensor | None, piece: int
