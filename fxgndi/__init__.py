@@ -9,6 +9,7 @@ Example:
 """
 
 from .baselines import calibrate
+from .bench import BenchReport, bench
 from .depth import DepthPruneResult, prune_depth
 from .errors import (DataError, FxgndiError, NonFiniteError, SiteSelectionError,
                      UntraceableModelError)
@@ -24,8 +25,8 @@ from .validate import ValidityReport, validate
 __version__ = "0.1.0"
 
 __all__ = [
-    "ablate", "calibrate", "export", "intervene", "load", "prune", "prune_depth", "readout",
-    "score", "trace", "validate", "DepthPruneResult", "ExportResult", "GNDIImportance",
-    "InterventionGraph", "PruneResult", "Scores", "Site", "ValidityReport",
+    "ablate", "bench", "calibrate", "export", "intervene", "load", "prune", "prune_depth",
+    "readout", "score", "trace", "validate", "BenchReport", "DepthPruneResult", "ExportResult",
+    "GNDIImportance", "InterventionGraph", "PruneResult", "Scores", "Site", "ValidityReport",
     "DataError", "FxgndiError", "NonFiniteError", "SiteSelectionError", "UntraceableModelError",
 ]
