@@ -268,11 +268,16 @@ def _run_validate(args) -> None:
 
 def _run_prune(args) -> None:
     from .prune import prune
-    from .train import evaluate
     model, data = _load(args)
     result = prune(model, data, sparsity=args.sparsity, target=args.target,
                    importance=args.importance, global_pruning=args.global_pruning,
                    compensate=args.compensate, seed=args.seed, progress=not args.quiet)
+    _print_pruned(args, model, data, result)
+
+
+def _print_pruned(args, model, data, result) -> None:
+    """The pruning table (or JSON) with the accuracy before and after on the loaded split."""
+    from .train import evaluate
     accuracy = {"before": evaluate(model, data)["accuracy"],
                 "after": evaluate(result.model, data)["accuracy"]}
     if args.json:
@@ -285,7 +290,6 @@ def _run_prune(args) -> None:
 
 def _run_prune_depth(args) -> None:
     from .depth import prune_depth
-    from .train import evaluate
     if args.blocks is None and args.target is None:
         raise ValueError("say how much to remove: --blocks N, or --target macs --sparsity 0.3")
     model, data = _load(args)
@@ -293,14 +297,7 @@ def _run_prune_depth(args) -> None:
                          sparsity=args.sparsity, criterion=args.criterion,
                          baseline=args.baseline, greedy=args.greedy, seed=args.seed,
                          progress=not args.quiet)
-    accuracy = {"before": evaluate(model, data)["accuracy"],
-                "after": evaluate(result.model, data)["accuracy"]}
-    if args.json:
-        print(json.dumps({**result.to_dict(), "accuracy": accuracy}, indent=2))
-    else:
-        print(result.table())
-        print(f"\naccuracy on the {args.split} split: {accuracy['before']:.1%} before, "
-              f"{accuracy['after']:.1%} after (no fine-tuning)")
+    _print_pruned(args, model, data, result)
 
 
 def _run_demo(args) -> None:

@@ -3,6 +3,7 @@ baseline (checked with forward hooks on the untouched model), greedy re-scoring,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -12,6 +13,8 @@ from torchvision.models import vision_transformer
 
 from fxgndi import FxgndiError
 from fxgndi.depth import prune_depth, residual_blocks
+
+from .conftest import replace_output
 
 RESNET_BRANCH_END = "bn2"  # BasicBlock: out = bn2(conv2(...)) + identity
 
@@ -37,16 +40,13 @@ def data():
 
 def _replaced(model, values: dict[str, torch.Tensor | None], x: torch.Tensor) -> torch.Tensor:
     """The model's output with each named module's output replaced (None = zeros)."""
-    handles = [model.get_submodule(name).register_forward_hook(
-        lambda mod, args, out, v=v: torch.zeros_like(out) if v is None
-        else v.expand_as(out).clone())
-        for name, v in values.items()]
-    try:
+    with contextlib.ExitStack() as stack:
+        for name, v in values.items():
+            stack.enter_context(replace_output(
+                model.get_submodule(name),
+                lambda out, v=v: torch.zeros_like(out) if v is None else v.expand_as(out).clone()))
         with torch.no_grad():
             return model(x)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _channel_means(model, name: str, batches, dims) -> torch.Tensor:
