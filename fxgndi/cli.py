@@ -26,6 +26,9 @@ EXAMPLES = """examples:
   fxgndi validate --model digits-resnet18 --data digits --granularity channel \\
       --baseline channel-mean --truth logit_l2 --plot validity.png
   fxgndi prune --model digits-resnet18 --data digits --sparsity 0.5 --target macs
+  fxgndi prune --model resnet50 --data digits --importance l1 --target macs --out pruned.pt2
+  fxgndi bench --model resnet50 --pruned pruned.pt2 --batch 1 32
+  fxgndi export --model resnet18 --checkpoint r18.pt --num-classes 10 --out resnet18.onnx
   fxgndi score --model resnet50 --data imagefolder:/data/val --granularity channel \\
       --max-memory 8GB --run-state run.pt --save-every 20      # later: same command + --resume
   torchrun --nproc-per-node 8 -m fxgndi score --model resnet50 --data imagefolder:/data/val \\
@@ -116,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     pruner.add_argument("--global-pruning", action="store_true")
     pruner.add_argument("--compensate", action="store_true",
                         help="fold removed channels' means into the consumers' biases")
+    pruner.add_argument("--out", default=None, metavar="PATH",
+                        help="also export the pruned model: .pt2, .onnx, .ts or .pth")
 
     depth = _command(sub, "prune-depth", _run_prune_depth,
                      "remove whole residual branches, least causally important first",
@@ -130,6 +135,36 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what a removed branch becomes: nothing, or its per-channel mean")
     depth.add_argument("--no-greedy", dest="greedy", action="store_false",
                        help="rank once instead of re-scoring after each removal")
+
+    exporter = _command(sub, "export", _run_export,
+                        "save a model as .pt2, .onnx, .ts or .pth, checked against eager",
+                        "fxgndi export --model resnet18 --num-classes 10 --out resnet18.onnx")
+    _model_args(exporter)
+    exporter.add_argument("--out", required=True, metavar="PATH",
+                          help="the file to write; its suffix (.pt2 .onnx .ts .pth) picks the "
+                               "format")
+    exporter.set_defaults(plot=None)
+
+    bencher = _command(sub, "bench", _run_bench,
+                       "latency, throughput, MACs and memory of a model and its pruned exports",
+                       "fxgndi bench --model resnet50 --pruned pruned.pt2 --batch 1 32")
+    bencher.add_argument("--model", required=True,
+                         help="the baseline: a torchvision model name, or digits-resnet18")
+    bencher.add_argument("--weights", default=None)
+    bencher.add_argument("--checkpoint", default=None, help="a state-dict file to load")
+    bencher.add_argument("--num-classes", type=int, default=None,
+                         help="default: the one recorded in the first --pruned file, else 1000")
+    bencher.add_argument("--pruned", nargs="*", default=[], metavar="FILE",
+                         help="exported files (.pt2 .onnx .ts .pth) to compare with --model")
+    bencher.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    bencher.add_argument("--input-shape", type=int, nargs="+", default=None, metavar="N",
+                         help="one sample's shape (default: the first --pruned file's, else "
+                              "3 224 224)")
+    bencher.add_argument("--threads", type=int, default=None, help="torch / onnxruntime threads")
+    bencher.add_argument("--warmup", type=int, default=3)
+    bencher.add_argument("--repeat", type=int, default=20)
+    bencher.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    bencher.add_argument("--plot", default=None, help="write a speed-up bar chart (PNG)")
 
     validator = _command(sub, "validate", _run_validate,
                          "how well each importance measure ranks the exact ablation effect",
@@ -196,7 +231,7 @@ def _long_run_kwargs(args) -> dict[str, Any]:
 
 def _check_outputs(args) -> None:
     """Fail before any work when an output file could not be written."""
-    for flag in ("plot", "run_state"):
+    for flag in ("plot", "run_state", "out"):
         path = getattr(args, flag, None)
         if path is None:
             continue
@@ -268,11 +303,17 @@ def _run_validate(args) -> None:
 
 def _run_prune(args) -> None:
     from .prune import prune
+    if args.out:
+        _check_format(args.out)
     model, data = _load(args)
     result = prune(model, data, sparsity=args.sparsity, target=args.target,
                    importance=args.importance, global_pruning=args.global_pruning,
                    compensate=args.compensate, seed=args.seed, progress=not args.quiet)
+    if args.out:
+        result.settings["export"] = _export(args, result.model, data).to_dict()
     _print_pruned(args, model, data, result)
+    if args.out and not args.json:
+        print(f"\nexported to {args.out}: {_export_summary(result.settings['export'])}")
 
 
 def _print_pruned(args, model, data, result) -> None:
@@ -335,6 +376,70 @@ def _run_ablate(args) -> None:
     _emit(args, ablate(model, data, sites=args.sites, granularity=args.granularity,
                        baseline=args.baseline, metric=args.metric, progress=not args.quiet,
                        **_long_run_kwargs(args)))
+
+
+
+def _check_format(path: str) -> None:
+    """Fail before any work when the export suffix is unknown."""
+    from .export import format_of
+    format_of(path)
+
+
+def _model_source(args) -> tuple[str, dict[str, Any]]:
+    """The torchvision name and constructor arguments ``_load`` built the model from, stored
+    in exports so that fxgndi.load can rebuild a .pth file."""
+    from .data import num_classes
+    if args.model == "digits-resnet18":
+        return "resnet18", {"num_classes": 10}
+    kwargs: dict[str, Any] = {}
+    if args.num_classes is not None or args.weights is None:
+        kwargs["num_classes"] = args.num_classes or num_classes(args.data)
+    if args.image_size and args.model.startswith("vit_"):
+        kwargs["image_size"] = args.image_size
+    return args.model, kwargs
+
+
+def _export(args, model: torch.nn.Module, data: Any):
+    from .export import export
+    from .streams import first_batch
+    name, kwargs = _model_source(args)
+    example = first_batch(data)[:2].to(args.device or "cpu")
+    return export(model, args.out, example_inputs=example, model_name=name, model_kwargs=kwargs)
+
+
+def _export_summary(result: dict[str, Any]) -> str:
+    return (f"{result['format']}, {result['bytes'] / 2**20:.1f} MB, largest output difference "
+            f"from eager {result['max_abs_diff']:.3g}, {result['seconds']:.1f} s")
+
+
+def _run_export(args) -> None:
+    _check_format(args.out)
+    model, data = _load(args)
+    _emit(args, _export(args, model, data))
+
+
+def _run_bench(args) -> None:
+    from .bench import bench
+    from .export import artifact_info
+    from .models import load_model
+    from .train import digits_resnet18
+    infos = [artifact_info(path) for path in args.pruned]  # a missing file fails here
+    recorded = next((i for i in infos if i.get("input_shapes")), {})
+    shape = args.input_shape or recorded.get("input_shapes", [[3, 224, 224]])[0]
+    if args.model == "digits-resnet18":
+        model = digits_resnet18(progress=not args.quiet)
+    else:
+        kwargs = ({"image_size": shape[-1]} if args.model.startswith("vit_") else {})
+        classes = args.num_classes
+        if classes is None and args.weights is None:
+            classes = recorded.get("model_kwargs", {}).get("num_classes")
+        model = load_model(args.model, num_classes=classes, weights=args.weights,
+                           checkpoint=args.checkpoint, **kwargs)
+    report = bench({args.model: model, **{path: path for path in args.pruned}},
+                   input_shape=shape, batch_sizes=args.batch, device=args.device,
+                   threads=args.threads, warmup=args.warmup, repeat=args.repeat,
+                   compile=args.compile, seed=args.seed)
+    _emit(args, report)
 
 
 if __name__ == "__main__":

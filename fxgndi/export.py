@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from .cost import count_macs_params
 from .errors import FxgndiError, NonFiniteError, UntraceableModelError
+from .report import format_table
 from .runtime import eval_mode
 
 FORMATS = {".pt2": "pt2", ".onnx": "onnx", ".ts": "torchscript", ".pth": "state_dict"}
@@ -69,8 +70,24 @@ class ExportResult:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict."""
-        return asdict(self)
+        """A JSON-serialisable dict (NaN becomes None)."""
+        out = asdict(self)
+        if out["max_abs_diff"] != out["max_abs_diff"]:
+            out["max_abs_diff"] = None
+        return out
+
+    def table(self) -> str:
+        """One row: path, format, size, largest output difference, seconds.
+
+        Example:
+            >>> print(ExportResult("m.pt2", "pt2", 0.0, 2**20, 0.5).table())
+            | path   | format   |   MB |   max abs diff |   seconds |
+            |--------|----------|------|----------------|-----------|
+            | m.pt2  | pt2      |    1 |              0 |       0.5 |
+        """
+        return format_table([(self.path, self.format, self.bytes / 2**20, self.max_abs_diff,
+                              self.seconds)],
+                            ["path", "format", "MB", "max abs diff", "seconds"], floatfmt=".3g")
 
 
 def export(model: nn.Module, path: str | os.PathLike, *,
@@ -251,6 +268,17 @@ class OnnxModule(nn.Module):
         feed = {n: t.detach().cpu().numpy() for n, t in zip(self.input_names, inputs)}
         outputs = [torch.from_numpy(o) for o in self.session.run(None, feed)]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def format_of(path: str | os.PathLike, format: str | None = None) -> str:
+    """The export format of ``path``: ``format`` when given, else from the suffix; raises
+    ExportError naming the known ones otherwise.
+
+    Example:
+        >>> format_of("pruned.onnx"), format_of("x.bin", "ts")
+        ('onnx', 'torchscript')
+    """
+    return _format(os.fspath(path), format)
 
 
 def _format(path: str, format: str | None) -> str:

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 
 from fxgndi.bench import BenchReport, bench
 from fxgndi.export import export, load
@@ -147,3 +148,24 @@ def test_docstring_examples():
     module = importlib.import_module("fxgndi.bench")  # fxgndi.bench is the function
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_cli_prune_out_then_bench(tmp_path, capsys):
+    from fxgndi.cli import main
+    pruned = tmp_path / "pruned.pt2"
+    code = main(["prune", "--model", "resnet18", "--data", "digits", "--limit", "8",
+                 "--batch-size", "4", "--importance", "l1", "--sparsity", "0.5",
+                 "--out", str(pruned), "--json", "--quiet"])
+    assert code == 0
+    exported = json.loads(capsys.readouterr().out)["settings"]["export"]
+    assert exported["format"] == "pt2" and exported["bytes"] == pruned.stat().st_size
+    code = main(["bench", "--model", "resnet18", "--pruned", str(pruned), "--batch", "1", "2",
+                 "--repeat", "2", "--warmup", "1", "--threads", "1", "--json", "--quiet"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["name"], r["batch"]) for r in rows] == [
+        ("resnet18", 1), (str(pruned), 1), ("resnet18", 2), (str(pruned), 2)]
+    assert all(r["status"] == "ok" for r in rows), rows
+    full = sum(p.numel() for p in torchvision.models.resnet18(num_classes=10).parameters())
+    assert rows[0]["params"] == full  # the baseline got the recorded 10 classes, 32 px input
+    assert rows[1]["params"] < 0.6 * full

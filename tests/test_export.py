@@ -250,3 +250,27 @@ def test_docstring_examples():
     module = importlib.import_module("fxgndi.export")  # fxgndi.export is the function
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_cli_export_writes_the_checkpoint_model(tmp_path, capsys):
+    from fxgndi.cli import main
+    model = _lively(load_model("resnet18", num_classes=10))
+    torch.save(model.state_dict(), tmp_path / "r18.pt")
+    out = tmp_path / "r18.onnx"
+    code = main(["export", "--model", "resnet18", "--checkpoint", str(tmp_path / "r18.pt"),
+                 "--num-classes", "10", "--limit", "4", "--out", str(out), "--json", "--quiet"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["format"] == "onnx" and printed["max_abs_diff"] < 1e-4
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load(out)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_prune_refuses_an_unknown_suffix_before_any_work(tmp_path, capsys):
+    from fxgndi.cli import main
+    code = main(["prune", "--model", "resnet18", "--limit", "4", "--importance", "l1",
+                 "--out", str(tmp_path / "pruned.bin"), "--quiet"])
+    assert code == 1
+    assert "suffix" in capsys.readouterr().err
+    assert _leftovers(tmp_path) == []
