@@ -65,3 +65,17 @@ def test_overhead_runs_and_outputs_are_identical(tmp_path, capsys):
     assert row["equal_none"] and row["equal_zero"] and row["equal_traced"]
     assert row["ops_graph_vs_traced"] == "same"  # no-alpha nodes dispatch nothing
     assert row["model_ms"] > 0 and row["graph_ms"] > 0
+
+
+def test_depth_speed_part_runs(capsys, tmp_path):
+    rows = load("depth").main(["speed", "--models", "resnet18", "--size", "32", "--batch", "1",
+                               "--repeat", "1", "--sparsity", "0.2"])
+    printed = capsys.readouterr().out
+    assert "latency gain per MAC removed" in printed
+    by_method = {r[1]: r for r in rows}
+    assert set(by_method) == {"dense", "depth (gndi)", "width (l1)"}
+    depth_cut, width_cut = by_method["depth (gndi)"][3], by_method["width (l1)"][3]
+    assert depth_cut >= 0.2 and abs(width_cut - depth_cut) < 0.03  # equal MACs, within 2%
+    fake = [(0, "dense", 0.9, None, 0.0, ""), (1, "depth: x", 0.8, None, 0.1, "b")]
+    load("depth").plot_accuracy(fake, tmp_path / "depth.png")
+    assert (tmp_path / "depth.png").stat().st_size > 0
