@@ -109,7 +109,8 @@ def batch_slice(data: Iterable, start: int = 0, stop: int | None = None,
                           pin_memory=data.pin_memory, timeout=data.timeout,
                           worker_init_fn=data.worker_init_fn,
                           multiprocessing_context=data.multiprocessing_context,
-                          persistent_workers=data.persistent_workers)
+                          generator=data.generator, persistent_workers=data.persistent_workers,
+                          prefetch_factor=data.prefetch_factor if data.num_workers else None)
     return _SlicedSampler(data, start, stop, step)
 
 
