@@ -94,7 +94,8 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *, sites: SiteSp
             input batch are not counted). Results do not change.
         checkpoint: a file for the partial sums, saved atomically every ``save_every``
             batches, at the end, and when the run is interrupted; ``resume=True`` continues
-            from it (same settings, same data) and gives the uninterrupted result.
+            from it (same settings, same data in the same order: a shuffling loader must be
+            seeded afresh) and gives the uninterrupted result.
 
     Under ``torchrun`` (an initialised ``torch.distributed`` group) each rank scores the
     batches ``i`` with ``i % world == rank`` and the sums are all-reduced: every rank returns
