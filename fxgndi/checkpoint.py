@@ -10,6 +10,7 @@ the previous state intact. Under ``torchrun`` each rank keeps its own file
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from typing import Any
 
@@ -33,6 +34,29 @@ def rank_path(path: str | os.PathLike, rank: int, world: int) -> str:
     """
     path = os.fspath(path)
     return path if world == 1 else f"{path}.rank{rank}-of-{world}"
+
+
+def check_world(path: str | os.PathLike, world: int) -> None:
+    """Raise RunStateError when the states at ``path`` were saved by another number of
+    processes (their files would silently be ignored, and the run restarted).
+
+    Example:
+        >>> check_world("/tmp/no-such-fxgndi-run.pt", 4)
+    """
+    base = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(base)) or "."
+    if not os.path.isdir(folder):
+        return
+    name = os.path.basename(base)
+    found = {1} if os.path.exists(base) else set()
+    for entry in os.listdir(folder):
+        match = re.fullmatch(re.escape(name) + r"\.rank\d+-of-(\d+)", entry)
+        if match:
+            found.add(int(match.group(1)))
+    if found and world not in found:
+        raise RunStateError(f"the run state {base!r} was saved by {sorted(found)[0]} "
+                            f"process(es), but this run has {world}: resume with the same "
+                            "number of processes, or delete the files to start again")
 
 
 def save_state(path: str | os.PathLike, *, settings: dict[str, Any], batches: int,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
-from .checkpoint import load_state, rank_path, save_state
+from .checkpoint import check_world, load_state, rank_path, save_state
 from .distributed import all_reduce_sums, my_batches, rank_and_world
 from .errors import DataError, FxgndiError, NonFiniteError
 from .graph import InterventionGraph, intervene
@@ -260,6 +260,7 @@ def _accumulate(data: Iterable, units: Sequence[Unit],
     path = None if checkpoint is None else rank_path(checkpoint, rank, world)
     done = 0
     if resume:
+        check_world(checkpoint, world)
         saved = load_state(path, settings=settings)
         if saved is not None:
             stats.load_state_dict(saved["sums"])

@@ -136,6 +136,13 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path):
         fxgndi.score(model, _batches(2), checkpoint=path, resume=True, progress=False)
 
 
+def test_resume_with_another_number_of_processes_is_refused(tmp_path):
+    model, path = make_tiny(), tmp_path / "run.pt"
+    (tmp_path / "run.pt.rank0-of-2").write_bytes(b"")  # as saved by two torchrun processes
+    with pytest.raises(RunStateError, match="saved by 2 process.*this run has 1"):
+        fxgndi.score(model, _batches(2), checkpoint=path, resume=True, progress=False)
+
+
 def test_resume_without_a_saved_state_starts_from_the_first_batch(tmp_path):
     model, path = make_tiny(), tmp_path / "new.pt"
     with pytest.warns(RuntimeWarning, match="no saved run state"):
