@@ -169,3 +169,25 @@ def test_cli_prune_out_then_bench(tmp_path, capsys):
     full = sum(p.numel() for p in torchvision.models.resnet18(num_classes=10).parameters())
     assert rows[0]["params"] == full  # the baseline got the recorded 10 classes, 32 px input
     assert rows[1]["params"] < 0.6 * full
+
+
+def test_speedup_benchmark_runs(tmp_path, capsys):
+    import importlib.util
+    import pathlib
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "speedup.py"
+    spec = importlib.util.spec_from_file_location("_bench_speedup", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "speedup.json"
+    assert module.main(["--models", "resnet18", "nonexistent_net", "--image-size", "32",
+                        "--batches", "2", "--runtimes", "eager", "onnx", "--repeat", "1",
+                        "--warmup", "0", "--threads", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| resnet18 " in printed and "prune failed" in printed
+    (res, failed) = json.loads(out.read_text())["results"]
+    assert failed["error"].startswith("prune failed") and res["error"] is None
+    assert abs(res["macs_ratio"] - 2.0) < 0.2  # sparsity 0.5 of the MACs, 2% tolerance
+    rows = {(r["name"], r["batch"]): r for r in res["rows"]}
+    assert set(rows) == {(f"{v} {rt}", 2) for v in ("dense", "pruned") for rt in ("eager", "onnx")}
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert rows["pruned eager", 2]["macs"] < 0.6 * rows["dense eager", 2]["macs"]
