@@ -143,7 +143,8 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *, sites: SiteSp
 
         def trial(xs, ys, n):  # the step on n vmapped copies (outputs, probes or units)
             if chosen == "reverse":
-                cot = torch.eye(k_out, dtype=xs.dtype, device=xs.device)[:n, None, :]
+                dtype = next(graph.parameters()).dtype
+                cot = torch.eye(k_out, dtype=dtype, device=xs.device)[:n, None, :]
                 reverse_tangents(graph, xs, ys, readout, n, cot.expand(n, xs.shape[0], k_out))
             elif chosen == "probe":
                 _probe_norms(graph, xs, ys, readout, z[:n, :xs.shape[0]], n, units)

@@ -81,3 +81,12 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         for key in single:
             np.testing.assert_allclose(got[key], single[key], rtol=1e-5, atol=1e-9,
                                        err_msg=f"{kind}: {key}")
+
+
+def test_docstring_examples():
+    import doctest
+
+    import fxgndi.distributed
+
+    result = doctest.testmod(fxgndi.distributed)
+    assert result.failed == 0 and result.attempted > 0
