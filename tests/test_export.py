@@ -16,7 +16,6 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-import torchvision
 from torchvision.models.vision_transformer import VisionTransformer
 
 import fxgndi
@@ -143,8 +142,8 @@ def test_pt2_loads_in_a_process_without_fxgndi(all_exported, tmp_path):
         "    print((got - io['y']).abs().max().item())\n"
         "assert not any(m.startswith('fxgndi') for m in sys.modules), 'fxgndi was imported'\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env=env, cwd=tmp_path, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr
     diffs = [float(line) for line in out.stdout.split()]
     assert len(diffs) == 3 and max(diffs) < 1e-4, diffs
@@ -157,7 +156,7 @@ def test_fixed_batch_pt2_refuses_another_batch(tmp_path):
     program = load(path)
     x = torch.randn(2, 2, 8, 8)
     torch.testing.assert_close(program(x), model(x))
-    with pytest.raises(Exception):
+    with pytest.raises(AssertionError, match="Guard failed"):
         program(torch.randn(3, 2, 8, 8))
 
 
