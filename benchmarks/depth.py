@@ -122,7 +122,7 @@ def speed(args: argparse.Namespace) -> list[tuple]:
         example = data[0][:1]
         try:
             depth = prune_depth(model, data, target="macs", sparsity=args.sparsity)
-            pruned = {"depth (gndi)": depth}
+            pruned = {"depth (gndi path)": depth}
             pruned["width (l1)"] = prune(model, data, target="macs",
                                          sparsity=depth.macs_reduction, importance="l1")
         except Exception as exc:  # report and go on with the next model

@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead of --blocks: remove blocks until --sparsity of this is gone")
     depth.add_argument("--sparsity", type=float, default=None)
     depth.add_argument("--criterion", default="gndi", choices=["gndi", "ablation", "random"])
+    depth.add_argument("--steps", type=int, default=4,
+                       help="G-NDI path midpoints (1 = first order)")
     depth.add_argument("--baseline", default="zero", choices=["zero", "channel-mean"],
                        help="what a removed branch becomes: nothing, or its per-channel mean")
     depth.add_argument("--no-greedy", dest="greedy", action="store_false",
@@ -336,7 +338,8 @@ def _run_prune_depth(args) -> None:
     model, data = _load(args)
     result = prune_depth(model, data, n_blocks=args.blocks, target=args.target,
                          sparsity=args.sparsity, criterion=args.criterion,
-                         baseline=args.baseline, greedy=args.greedy, seed=args.seed,
+                         baseline=args.baseline, greedy=args.greedy, steps=args.steps,
+                         seed=args.seed,
                          progress=not args.quiet)
     _print_pruned(args, model, data, result)
 

@@ -152,7 +152,7 @@ def residual_blocks(model: nn.Module, example_inputs: torch.Tensor | Sequence[to
 def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None,
                 target: str | None = None, sparsity: float | None = None,
                 criterion: str = "gndi", baseline: str = "zero", greedy: bool = True,
-                readout: str = "logits", steps: int = 1, metric: str = "logit_l2",
+                readout: str = "logits", steps: int = 4, metric: str = "logit_l2",
                 example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
                 finetune: dict[str, Any] | None = None, inplace: bool = False,
                 max_batches: int | None = None, seed: int = 0,
@@ -167,8 +167,13 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
         n_blocks: how many blocks to remove; or give ``target`` and ``sparsity`` instead.
         target, sparsity: remove blocks until at least ``sparsity`` of ``"macs"``,
             ``"params"`` or ``"latency"`` (one forward pass on ``example_inputs``) is gone.
-        criterion: ``"gndi"`` (first-order, or path-integrated with ``steps`` > 1, on
-            ``readout``), ``"ablation"`` (the exact effect, by ``metric``) or ``"random"``.
+        criterion: ``"gndi"`` (on ``readout``), ``"ablation"`` (the exact effect, by
+            ``metric``) or ``"random"``.
+        steps: G-NDI's path integration: ``steps`` midpoints between the model and the removal
+            (1 = the paper's first-order estimate). Removing a whole branch is a large
+            intervention, where first order ranks poorly (layer-level Spearman 0.73 against
+            0.97 for m = 4 in benchmarks/validity.py); with a few dozen blocks at most,
+            m = 4 costs 4 JVPs per block and batch.
         baseline: ``"zero"`` (the branch is dropped) or ``"channel-mean"`` (the branch is
             replaced by its per-channel mean on ``data``, a constant add), so the pruned model
             computes exactly the intervention that was scored.

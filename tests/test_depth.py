@@ -156,10 +156,11 @@ def test_greedy_rescores_after_each_removal(resnet, data):
     assert abs(second[r.removed[1]] - first[r.removed[1]]) > 1e-3 * first[r.removed[1]]
 
 
-def test_gndi_ranks_like_first_order_scores(resnet, data):
+@pytest.mark.parametrize("steps", [1, 4])
+def test_gndi_ranks_by_the_block_scores(resnet, data, steps):
     import fxgndi
-    once = prune_depth(resnet, data, n_blocks=1, criterion="gndi")
-    scores = fxgndi.score(resnet, data, sites="block", progress=False)
+    once = prune_depth(resnet, data, n_blocks=1, criterion="gndi", steps=steps)
+    scores = fxgndi.score(resnet, data, sites="block", steps=steps, progress=False)
     candidates = ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
     by_name = dict(zip(scores.names, scores.values))
     assert once.removed == [min(candidates, key=by_name.get)]
