@@ -1,51 +1,249 @@
-"""Accuracy after pruning the digits ResNet-18 to half its MACs, per importance, no fine-tuning.
+"""Top-1 accuracy after pruning to 1.5x, 2x and 3x fewer MACs, per criterion: G-NDI, exact
+ablation and every torch-pruning built-in, at the same MACs; no fine-tuning, no fine-tuning
+with BatchNorm statistics re-estimated, and after fine-tuning.
 
-    python benchmarks/pruning.py            # per-layer (local) pruning
-    python benchmarks/pruning.py --global   # global pruning
+    python benchmarks/pruning.py                    # digits ResNet-18, all criteria, the plot
+    python benchmarks/pruning.py --criteria gndi-zero l1 --points 2 --finetune-epochs 0
+    python benchmarks/pruning.py --global --normalizer mean    # global ranking, one normaliser
+    python benchmarks/pruning.py --data cifar10:~/data --model resnet18 --checkpoint c.pt
+
+Every criterion prunes a copy of the same model with ``fxgndi.prune(target="macs")`` (the
+channel ratio is searched until the MACs removed are within 2% of the point), under the same
+ranking scope (per-group local ratio, or ``--global``). Three accuracies per pruned model:
+``acc`` as pruned; ``acc BN-recal``: the same model after
+:func:`fxgndi.recalibrate.recalibrate_bn` on the scoring samples (running statistics only, no
+weight changes); ``acc FT``: the pruned model (without recalibration) after
+``--finetune-epochs`` of :func:`fxgndi.train.train_classifier` on the whole train split.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import time
+from pathlib import Path
+from typing import Any, NamedTuple
 
-from fxgndi.data import load_data
-from fxgndi.prune import prune
-from fxgndi.report import format_table
-from fxgndi.train import digits_resnet18, evaluate
+import torch
+from torch import nn
 
-RUNS = [("gndi (zero)", "gndi", False), ("gndi (channel-mean + compensate)", "gndi", True),
-        ("l1", "l1", False), ("taylor", "taylor", False), ("fpgm", "fpgm", False),
-        ("random", "random", False)]
+from fxgndi.data import load_data, num_classes
+from fxgndi.importance import GNDIImportance
+from fxgndi.models import load_model
+from fxgndi.prune import make_importance, prune
+from fxgndi.recalibrate import recalibrate_bn
+from fxgndi.report import format_table, pyplot, save_figure
+from fxgndi.train import digits_resnet18, evaluate, train_classifier
 
 
-def main(argv: list[str] | None = None) -> list[tuple]:
+class Criterion(NamedTuple):
+    """How one line of the table prunes: an importance name, G-NDI's baseline, compensation."""
+
+    importance: str
+    baseline: str | None = None
+    compensate: bool = False
+
+    @property
+    def causal(self) -> bool:
+        return self.importance in ("gndi", "ablation")
+
+
+TP_BUILTINS = ("l1", "l2", "taylor", "hessian", "lamp", "bn", "fpgm", "random")
+CRITERIA: dict[str, Criterion] = {
+    "gndi-zero": Criterion("gndi", "zero"),
+    "gndi-zero+comp": Criterion("gndi", "zero", True),
+    "gndi-mean": Criterion("gndi", "channel-mean"),
+    "gndi-mean+comp": Criterion("gndi", "channel-mean", True),
+    "ablation-zero": Criterion("ablation", "zero"),
+    **{name: Criterion(name) for name in TP_BUILTINS},
+}
+NOTES = """\
+Notes on torch-pruning {version}'s built-ins, run as shipped (their own default normaliser unless
+--normalizer is given) except where fxgndi.prune supplies the gradients they read:
+- taylor: |w * dL/dw| summed over the group; its BatchNorm branch tests for GroupNorm's pruning
+  function, so BatchNorm layers give the group no score (only conv / linear weights count).
+- hessian: torch-pruning's accumulate_grad keeps only the last sample's squared gradient (it keys
+  its sums by parameter but tests membership by name); fxgndi.prune accumulates the per-sample
+  squared gradients of all scoring samples itself, so this row is the intended OBD estimate.
+- taylor and hessian use the cross-entropy on the scoring samples; l1, l2, lamp, bn, fpgm use
+  weights only; random is seeded (seed 0)."""
+
+
+def build_model(args: argparse.Namespace) -> nn.Module:
+    if args.model == "digits-resnet18":
+        return digits_resnet18(progress=False)
+    return load_model(args.model, num_classes=num_classes(args.data),
+                      checkpoint=args.checkpoint)
+
+
+def make_scorer(name: str, criterion: Criterion, data: Any, args: argparse.Namespace) -> Any:
+    """The importance, built once per criterion: G-NDI's scores of the dense model are then
+    computed once and reused at every MAC point (GNDIImportance caches them)."""
+    options: dict[str, Any] = {}
+    if args.normalizer is not None and name != "lamp":  # LAMP is its own normaliser
+        options["normalizer"] = args.normalizer
+    if criterion.importance == "ablation":  # one forward per channel and sample: fewer
+        data = load_data(args.data, split="train", limit=min(args.samples, args.ablation_samples),
+                         batch_size=64, shuffle=False, image_size=args.image_size)
+    if criterion.causal:
+        return GNDIImportance(data, method=criterion.importance, baseline=criterion.baseline,
+                              **options)
+    return make_importance(criterion.importance, **options)
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    model = build_model(args).eval()
+    score_data = load_data(args.data, split="train", limit=args.samples, batch_size=64,
+                           shuffle=False, image_size=args.image_size)
+    train = load_data(args.data, split="train", batch_size=64, limit=args.train_limit,
+                      image_size=args.image_size)
+    test = load_data(args.data, split="test", batch_size=256, limit=args.test_limit,
+                     image_size=args.image_size)
+    dense = evaluate(model, test)
+    rows: list[dict[str, Any]] = []
+    for name in args.criteria:
+        criterion = CRITERIA[name]
+        scorer = make_scorer(name, criterion, score_data, args)
+        for factor in args.points:
+            start = time.perf_counter()
+            r = prune(model, score_data, sparsity=1 - 1 / factor, target="macs",
+                      importance=scorer, compensate=criterion.compensate,
+                      global_pruning=args.global_pruning)
+            seconds = time.perf_counter() - start
+            row = {"criterion": name, "reduction": factor,
+                   "macs_kept": r.macs_after / r.macs_before,
+                   "params_kept": r.params_after / r.params_before,
+                   "channel_ratio": r.pruning_ratio, "seconds": seconds,
+                   "acc": evaluate(r.model, test)["accuracy"]}
+            recalibrated = copy.deepcopy(r.model)
+            recalibrate_bn(recalibrated, score_data)
+            row["acc_recal"] = evaluate(recalibrated, test)["accuracy"]
+            row["acc_ft"] = float("nan")
+            if args.finetune_epochs:
+                train_classifier(r.model, train, epochs=args.finetune_epochs, lr=args.lr,
+                                 progress=False)
+                row["acc_ft"] = evaluate(r.model, test)["accuracy"]
+            rows.append(row)
+            if not args.quiet:
+                print(f"{name:16s} {factor:g}x: acc {row['acc']:.3f} BN-recal "
+                      f"{row['acc_recal']:.3f} FT {row['acc_ft']:.3f} ({seconds:.0f} s)",
+                      flush=True)
+    return rows, dense
+
+
+def verdict(rows: list[dict[str, Any]], key: str, gndi: str = "gndi-zero") -> list[tuple]:
+    """Per point: the G-NDI criterion's accuracy against the best torch-pruning built-in's."""
+    out = []
+    for factor in sorted({r["reduction"] for r in rows}):
+        at = {r["criterion"]: r[key] for r in rows if r["reduction"] == factor}
+        builtins = {n: a for n, a in at.items() if n in TP_BUILTINS}
+        if gndi not in at or not builtins:
+            continue
+        best = max(builtins, key=builtins.get)
+        out.append((f"{factor:g}x", at[gndi], best, builtins[best],
+                    "yes" if at[gndi] >= builtins[best] else "NO"))
+    return out
+
+
+def plot(rows: list[dict[str, Any]], dense: float, path: str, title: str) -> None:
+    plt = pyplot()
+    panels = [("acc", "no fine-tuning"), ("acc_recal", "no fine-tuning, BN recalibrated"),
+              ("acc_ft", "fine-tuned")]
+    panels = [p for p in panels if any(r[p[0]] == r[p[0]] for r in rows)]  # drop all-NaN
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), sharey=True,
+                             squeeze=False)
+    names = list(dict.fromkeys(r["criterion"] for r in rows))
+    colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(names)}
+    for ax, (key, label) in zip(axes[0], panels):
+        for name in names:
+            pts = sorted((r["reduction"], r[key]) for r in rows if r["criterion"] == name)
+            style = "-" if CRITERIA[name].causal else "--"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=name,
+                    color=colors[name], linewidth=2.2 if CRITERIA[name].causal else 1.2)
+        ax.axhline(dense, color="black", linewidth=0.8, linestyle=":", label="dense")
+        ax.set_title(label)
+        ax.set_xlabel("MAC reduction (x)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("top-1 accuracy")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def report(rows: list[dict[str, Any]], dense: dict[str, Any], s: dict[str, Any],
+           plot_path: str) -> None:
+    """Print the table, the verdicts and the notes; draw the figure when ``plot_path``."""
+    scope = "global" if s["global_pruning"] else "local (per-group ratio)"
+    head = (f"{s['model']} on {s['data']}: dense top-1 {dense['accuracy']:.3f} (test n="
+            f"{dense['n']}); {scope} ranking, normaliser {s['normalizer'] or 'each its own'}; "
+            f"scoring / BN recalibration: {s['samples']} train samples (ablation-zero's scores: "
+            f"the first {min(s['samples'], s['ablation_samples'])}); fine-tuning: "
+            f"{s['finetune_epochs']} epoch(s) at lr {s['lr']:g}")
+    print(head)
+    print(format_table([(r["criterion"], f"{r['reduction']:g}x", r["macs_kept"], r["acc"],
+                         r["acc_recal"], r["acc_ft"], r["channel_ratio"], r["seconds"])
+                        for r in rows],
+                       ["criterion", "MAC red.", "MACs kept", "acc", "acc BN-recal", "acc FT",
+                        "channel ratio", "prune s"], floatfmt=".3f"))
+    for key, label in (("acc", "no fine-tuning"), ("acc_recal", "no fine-tuning, BN-recal")):
+        table = verdict(rows, key)
+        if table:
+            print(f"\ngndi-zero against the best torch-pruning built-in, {label}:")
+            print(format_table(table, ["point", "gndi-zero", "best built-in", "its acc",
+                                       "gndi >= best"], floatfmt=".3f"))
+    if any(r["criterion"] in TP_BUILTINS for r in rows):
+        import torch_pruning as tp
+        print("\n" + NOTES.format(version=tp.__version__))
+    if plot_path:
+        plot(rows, dense["accuracy"], plot_path, head.split(";")[0])
+        print(f"\nfigure: {plot_path}")
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="digits", help="data spec (fxgndi.data.load_data)")
+    parser.add_argument("--model", default="digits-resnet18",
+                        help="digits-resnet18, or a torchvision name with --checkpoint")
+    parser.add_argument("--checkpoint", default=None, help="state dict for --model")
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=list(CRITERIA))
+    parser.add_argument("--points", nargs="+", type=float, default=[1.5, 2.0, 3.0],
+                        help="MAC reduction factors (2 = half the MACs)")
+    parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak lr")
+    parser.add_argument("--samples", type=int, default=256,
+                        help="train samples for scoring, compensation and BN recalibration")
+    parser.add_argument("--ablation-samples", type=int, default=64,
+                        help="train samples for ablation-zero's scores (the first of --samples)")
+    parser.add_argument("--train-limit", type=int, default=None, help="fine-tune on fewer")
+    parser.add_argument("--test-limit", type=int, default=None, help="evaluate on fewer")
     parser.add_argument("--global", dest="global_pruning", action="store_true")
-    parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--samples", type=int, default=256, help="train samples for scoring")
+    parser.add_argument("--normalizer", default=None,
+                        help="one torch-pruning normaliser for every criterion (but LAMP); "
+                             "default: each criterion's own")
+    parser.add_argument("--plot", default="docs/pruning.png", help="'' for no figure")
+    parser.add_argument("--json", default=None, help="write the rows to this file")
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                        help="run nothing: report the rows of earlier --json files together")
     args = parser.parse_args(argv)
+    if any(f <= 1 for f in args.points):
+        parser.error("--points are MAC reduction factors, each > 1 (2 = half the MACs)")
 
-    model = digits_resnet18(progress=False)
-    score_data = load_data("digits", split="train", limit=args.samples, batch_size=64,
-                           shuffle=False)
-    test = load_data("digits", split="test", batch_size=256)
-    dense = evaluate(model, test)
-    rows = [("dense", dense["accuracy"], 1.0, 1.0, float("nan"), 0.0)]
-    for label, importance, compensate in RUNS:
-        start = time.perf_counter()
-        r = prune(model, score_data, sparsity=args.sparsity, target="macs",
-                  importance=importance, compensate=compensate,
-                  global_pruning=args.global_pruning)
-        seconds = time.perf_counter() - start
-        rows.append((label, evaluate(r.model, test)["accuracy"], r.macs_after / r.macs_before,
-                     r.params_after / r.params_before, r.pruning_ratio, seconds))
-    print(f"digits ResNet-18, target=macs sparsity={args.sparsity}, "
-          f"global_pruning={args.global_pruning}, no fine-tuning; scoring data: {args.samples} "
-          f"train samples; held-out test n={dense['n']}")
-    print(format_table(rows, ["importance", "test acc", "MACs kept", "params kept",
-                              "channel ratio", "seconds"], floatfmt=".3f"))
+    if args.from_json:  # report saved runs together (e.g. criteria run in parallel)
+        saved = [json.loads(Path(path).read_text()) for path in args.from_json]
+        settings, dense = saved[0]["settings"], saved[0]["dense"]
+        rows = [row for run_ in saved for row in run_["rows"]]
+    else:
+        torch.manual_seed(0)
+        rows, dense = run(args)
+        settings = vars(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"settings": settings, "dense": dense, "rows": rows}, f, indent=2)
+    report(rows, dense, settings, args.plot)
     return rows
 
 
