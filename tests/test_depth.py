@@ -260,3 +260,16 @@ def test_families_equal_the_intervened_graph(name):
     # The removal matters far more than the difference between the two computations.
     assert (got - expected).abs().max() < 1e-3 * effect
     assert r.params_after < r.params_before
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_depth_pruned_model_exports(resnet, data, tmp_path, suffix):
+    import fxgndi
+    pytest.importorskip("onnxruntime") if suffix == ".onnx" else None
+    r = prune_depth(resnet, data, n_blocks=2, criterion="random", baseline="channel-mean")
+    path = tmp_path / f"depth{suffix}"
+    fxgndi.export(r.model, path, example_inputs=data[0][:2])
+    loaded = fxgndi.load(path)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), r.model.eval()(x), rtol=1e-4, atol=1e-4)
