@@ -273,3 +273,16 @@ def test_depth_pruned_model_exports(resnet, data, tmp_path, suffix):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), r.model.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_latency_target_uses_measured_seconds(resnet, data, monkeypatch):
+    """Latency is timed; a stand-in clock (seconds = parameter count) makes it deterministic."""
+    from fxgndi import depth
+    monkeypatch.setattr(depth._Measure, "seconds",
+                        lambda self, model: float(sum(p.numel() for p in model.parameters())))
+    r = prune_depth(resnet, data, target="latency", sparsity=0.3, criterion="random")
+    assert r.latency_after / r.latency_before == pytest.approx(
+        r.params_after / r.params_before)
+    assert 1 - r.latency_after / r.latency_before >= 0.3
+    assert all(h["latency_reduction"] < 0.3 for h in r.history[:-1])
+    assert "latency (ms)" in r.table()
