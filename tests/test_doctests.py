@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import pkgutil
 
 import pytest
 
-MODULES = ["graph", "sites", "streams", "baselines", "scores", "runtime", "estimate", "report",
-           "validate", "cost", "data", "models", "compensate", "criteria"]
+import fxgndi
+
+MODULES = sorted(m.name for m in pkgutil.walk_packages(fxgndi.__path__, "fxgndi.")
+                 if m.name != "fxgndi.__main__")
+
+
+def test_every_module_is_listed():
+    assert {"fxgndi.graph", "fxgndi.depth", "fxgndi.criteria.grasp"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
-    module = importlib.import_module(f"fxgndi.{name}")
+    module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0
