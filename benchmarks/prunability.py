@@ -40,16 +40,17 @@ def image_size(name: str) -> int:
 
 
 def select_models(patterns: list[str]) -> list[str]:
-    """torchvision's classifiers that match any of ``patterns`` (names or globs), in order.
+    """torchvision's classifiers that match ``patterns`` (names or globs), in the patterns'
+    order (each glob's matches sorted), without repeats.
 
     Example:
-        >>> select_models(["resnet1*"])
-        ['resnet101', 'resnet152', 'resnet18']
+        >>> select_models(["resnet5*", "resnet1*", "resnet50"])
+        ['resnet50', 'resnet101', 'resnet152', 'resnet18']
     """
     from fxgndi.models import classification_models
 
-    known = classification_models()
-    chosen = [m for m in known if any(fnmatch.fnmatch(m, p) for p in patterns)]
+    known = sorted(classification_models())
+    chosen = list(dict.fromkeys(m for p in patterns for m in known if fnmatch.fnmatch(m, p)))
     unknown = [p for p in patterns if not any(fnmatch.fnmatch(m, p) for m in known)]
     if unknown:
         raise SystemExit(f"no torchvision classifier matches {', '.join(unknown)}: see "
