@@ -106,7 +106,8 @@ def speedup_rows(results: list[dict[str, Any]]) -> list[tuple]:
     lines = []
     for res in results:
         if res["error"]:
-            lines.append((res["model"], "-", "-", None, None, None, None, None, res["error"]))
+            lines.append((res["model"], "-", None, None, None, None, None, None, None,
+                          res["error"]))
             continue
         by_key = {(r["name"], r["batch"]): r for r in res["rows"]}
         dense_eager = {b: r for (n, b), r in by_key.items() if n == "dense eager"}
