@@ -96,8 +96,6 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     model = build_model(args).eval()
     score_data = load_data(args.data, split="train", limit=args.samples, batch_size=64,
                            shuffle=False, image_size=args.image_size)
-    train = load_data(args.data, split="train", batch_size=64, limit=args.train_limit,
-                      image_size=args.image_size)
     test = load_data(args.data, split="test", batch_size=256, limit=args.test_limit,
                      image_size=args.image_size)
     dense = evaluate(model, test)
@@ -121,6 +119,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
             row["acc_recal"] = evaluate(recalibrated, test)["accuracy"]
             row["acc_ft"] = float("nan")
             if args.finetune_epochs:
+                # a fresh loader each time: every criterion fine-tunes on the same batch order
+                train = load_data(args.data, split="train", batch_size=64, seed=0,
+                                  limit=args.train_limit, image_size=args.image_size)
                 train_classifier(r.model, train, epochs=args.finetune_epochs, lr=args.lr,
                                  progress=False)
                 row["acc_ft"] = evaluate(r.model, test)["accuracy"]
@@ -163,10 +164,14 @@ def plot(rows: list[dict[str, Any]], dense: float, path: str, title: str) -> Non
                     color=colors[name], linewidth=2.2 if CRITERIA[name].causal else 1.2)
         ax.axhline(dense, color="black", linewidth=0.8, linestyle=":", label="dense")
         ax.set_title(label)
-        ax.set_xlabel("MAC reduction (x)")
+        factors = sorted({r["reduction"] for r in rows})
+        ax.set_xticks(factors, [f"{f:g}x" for f in factors])
+        ax.set_xlabel("MAC reduction")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("top-1 accuracy")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.subplots_adjust(right=0.88)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, loc="center left",
+               bbox_to_anchor=(0.89, 0.5))
     fig.suptitle(title)
     save_figure(fig, path)
 
