@@ -17,7 +17,9 @@ torchvision families defeat that, each for a reason found in its forward code:
   ``qkv`` (inputs; q, k and v outputs), ``proj`` and, since the attention reshapes q / k / v to
   the input width, the same head dimensions. Heads are kept, so the relative position tables
   (one column per head), ``logit_scale`` and the continuous position MLP stay as they are; the
-  stream is pruned in ``num_heads`` equal slices so every head keeps as many dims.
+  stream is pruned in ``num_heads`` equal slices so every head keeps as many dims. V1 scales q
+  by ``(C / heads) ** -0.5`` of its input width ``C``: q's weights are rescaled so that the
+  pruned attention equals the original with those dims zeroed.
   Patch merging (a strided slice and a 4-way concat) is one node with
   :class:`PatchMergingPruner`.
 * MaxViT: a partition attention layer (window / grid partition, relative-position attention,
@@ -42,6 +44,7 @@ Families are recognised by the module classes whose forward code the handling de
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -150,7 +153,15 @@ class WindowAttentionPruner(tp.BasePruningFunc):
     """
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        _prune_heads_and_stream(layer.qkv, layer.proj, idxs, layer.num_heads)
+        width = layer.proj.out_features
+        kept = _prune_heads_and_stream(layer.qkv, layer.proj, idxs, layer.num_heads)
+        if not isinstance(layer, swin_transformer.ShiftedWindowAttentionV2):
+            # V1 scales q by (C / heads) ** -0.5 with C its input width: keep the original
+            # scale, so that the pruned attention is the original one without those dims
+            with torch.no_grad():
+                layer.qkv.weight[:kept] *= math.sqrt(kept / width)
+                if layer.qkv.bias is not None:
+                    layer.qkv.bias[:kept] *= math.sqrt(kept / width)
         return layer
 
     prune_in_channels = prune_out_channels  # one set of channels: in and out are coupled

@@ -150,16 +150,18 @@ def test_convnext_layer_scale_follows_its_block():
     assert r.model(data[0][0]).shape == (2, 10)
 
 
-def test_window_attention_v2_pruner_equals_zeroing_channels_and_head_dims():
+@pytest.mark.parametrize("cls", [swin.ShiftedWindowAttention, swin.ShiftedWindowAttentionV2],
+                         ids=["v1", "v2"])
+def test_window_attention_pruner_equals_zeroing_channels_and_head_dims(cls):
     torch.manual_seed(0)
-    attn = swin.ShiftedWindowAttentionV2(8, [2, 2], [1, 1], num_heads=2).eval()
-    pruned = swin.ShiftedWindowAttentionV2(8, [2, 2], [1, 1], num_heads=2).eval()
+    attn = cls(8, [2, 2], [1, 1], num_heads=2).eval()
+    pruned = cls(8, [2, 2], [1, 1], num_heads=2).eval()
     pruned.load_state_dict(attn.state_dict())
     gone = [1, 6]  # one dim of each head
     architectures.WindowAttentionPruner().prune_out_channels(pruned, gone)
     kept = [i for i in range(8) if i not in gone]
     # Independently: zero the removed q / k / v dims of qkv, and the input channels (hook).
-    # Cosine attention normalises q and k, so zero dims leave it unchanged.
+    # Zero dims change neither q.k nor V2's cosine normalisation; V1's q scale stays (8/2)^-.5.
     with torch.no_grad():
         for k in range(3):
             attn.qkv.weight[[k * 8 + i for i in gone]] = 0
