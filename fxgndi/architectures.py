@@ -30,7 +30,8 @@ torchvision families defeat that, each for a reason found in its forward code:
   torch-pruning's tracer walks through its ops as element-wise ones of the stream's width; it
   is made opaque too, and pruned by torch-pruning's own MHA pruner in ``num_heads`` equal
   slices (``out_channel_groups``: every head keeps as many dims; torch-pruning's ``num_heads``
-  option expects separate qkv layers and drops the group); ``VisionTransformer.hidden_dim``, which
+  option expects separate qkv layers and drops the group); q is rescaled to keep the attention's
+  temperature (:func:`keep_attention_scale`), and ``VisionTransformer.hidden_dim``, which
   ``_process_input`` reshapes with, is reset afterwards (:func:`fix_widths`).
 
 ConvNeXt's ``layer_scale`` ([C, 1, 1]) and ViT's class token / position embedding are found by
@@ -346,6 +347,8 @@ def _multihead_attention(model: nn.Module, modules: list[nn.Module],
     plan.families.append("multi-head attention")
     plan.opaque_types.append(nn.MultiheadAttention)
     plan.out_channel_groups.update({m: m.num_heads for m in attention})
+    head_dims = {m: m.head_dim for m in attention}
+    plan.after.append(lambda pruned: keep_attention_scale(head_dims))
     if any(isinstance(m, vision_transformer.VisionTransformer) for m in modules):
         plan.after.append(fix_widths)
 
@@ -363,6 +366,30 @@ def fix_widths(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, vision_transformer.VisionTransformer):
             m.hidden_dim = m.conv_proj.out_channels
+
+
+def keep_attention_scale(head_dims: dict[nn.MultiheadAttention, int]) -> None:
+    """Rescale q of each ``nn.MultiheadAttention`` whose head dim shrank from ``head_dims[m]``:
+    attention divides q.k by sqrt(head dim), so without this pruning would also change the
+    attention's temperature. Afterwards the pruned attention equals the original one with the
+    removed dims zeroed.
+
+    Example:
+        >>> mha = nn.MultiheadAttention(4, 2)
+        >>> q = mha.in_proj_weight[:2].clone()
+        >>> mha.head_dim = 1  # as if pruned from 2 to 1 dims per head
+        >>> keep_attention_scale({mha: 2})
+        >>> torch.allclose(mha.in_proj_weight[:2], q * 0.5 ** 0.5)
+        True
+    """
+    for mha, before in head_dims.items():
+        if mha.head_dim == before:
+            continue
+        factor = math.sqrt(mha.head_dim / before)
+        with torch.no_grad():
+            mha.in_proj_weight[:mha.embed_dim] *= factor
+            if mha.in_proj_bias is not None:
+                mha.in_proj_bias[:mha.embed_dim] *= factor
 
 
 @contextlib.contextmanager

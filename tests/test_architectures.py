@@ -174,6 +174,30 @@ def test_window_attention_pruner_equals_zeroing_channels_and_head_dims(cls):
         torch.testing.assert_close(pruned(x[..., kept]), attn(x)[..., kept])
 
 
+def test_multihead_attention_pruned_with_its_plan_equals_zeroing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True)).eval()
+    original = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    original.load_state_dict(model[0].state_dict())
+    plan = architectures.plan_for(model)
+    gone = [1, 6]  # one dim of each head
+    import torch_pruning as tp
+    tp.pruner.function.MultiheadAttentionPruner().prune_out_channels(model[0], gone)
+    for fix in plan.after:
+        fix(model)
+    kept = [i for i in range(8) if i not in gone]
+    with torch.no_grad():  # independently: zero the removed q / k / v dims and inputs
+        for k in range(3):
+            original.in_proj_weight[[k * 8 + i for i in gone]] = 0
+            original.in_proj_bias[[k * 8 + i for i in gone]] = 0
+        x = torch.randn(2, 5, 8)
+        x0 = x.clone()
+        x0[..., gone] = 0
+        expected = original(x0, x0, x0, need_weights=False)[0][..., kept]
+        got = model[0](x[..., kept], x[..., kept], x[..., kept], need_weights=False)[0]
+    torch.testing.assert_close(got, expected)
+
+
 def test_patch_merging_v2_input_pruning_equals_zeroing():
     torch.manual_seed(0)
     merging = swin.PatchMergingV2(4).eval()
