@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what a removed branch becomes: nothing, or its per-channel mean")
     depth.add_argument("--no-greedy", dest="greedy", action="store_false",
                        help="rank once instead of re-scoring after each removal")
+    depth.add_argument("--out", default=None, metavar="PATH",
+                       help="also export the pruned model: .pt2, .onnx or .ts")
 
     exporter = _command(sub, "export", _run_export,
                         "save a model as .pt2, .onnx, .ts or .pth, checked against eager",
@@ -311,16 +313,15 @@ def _run_prune(args) -> None:
     result = prune(model, data, sparsity=args.sparsity, target=args.target,
                    importance=args.importance, global_pruning=args.global_pruning,
                    compensate=args.compensate, seed=args.seed, progress=not args.quiet)
+    _finish_pruning(args, model, data, result)
+
+
+def _finish_pruning(args, model, data, result) -> None:
+    """Export the pruned model when --out is given, then print the pruning table (or JSON)
+    with the accuracy before and after on the loaded split."""
+    from .train import evaluate
     if args.out:
         result.settings["export"] = _export(args, result.model, data).to_dict()
-    _print_pruned(args, model, data, result)
-    if args.out and not args.json:
-        print(f"\nexported to {args.out}: {_export_summary(result.settings['export'])}")
-
-
-def _print_pruned(args, model, data, result) -> None:
-    """The pruning table (or JSON) with the accuracy before and after on the loaded split."""
-    from .train import evaluate
     accuracy = {"before": evaluate(model, data)["accuracy"],
                 "after": evaluate(result.model, data)["accuracy"]}
     if args.json:
@@ -329,19 +330,22 @@ def _print_pruned(args, model, data, result) -> None:
         print(result.table())
         print(f"\naccuracy on the {args.split} split: {accuracy['before']:.1%} before, "
               f"{accuracy['after']:.1%} after (no fine-tuning)")
+    if args.out and not args.json:
+        print(f"\nexported to {args.out}: {_export_summary(result.settings['export'])}")
 
 
 def _run_prune_depth(args) -> None:
     from .depth import prune_depth
     if args.blocks is None and args.target is None:
         raise ValueError("say how much to remove: --blocks N, or --target macs --sparsity 0.3")
+    if args.out:
+        _check_format(args.out)
     model, data = _load(args)
     result = prune_depth(model, data, n_blocks=args.blocks, target=args.target,
                          sparsity=args.sparsity, criterion=args.criterion,
                          baseline=args.baseline, greedy=args.greedy, steps=args.steps,
-                         seed=args.seed,
-                         progress=not args.quiet)
-    _print_pruned(args, model, data, result)
+                         seed=args.seed, progress=not args.quiet)
+    _finish_pruning(args, model, data, result)
 
 
 def _run_demo(args) -> None:

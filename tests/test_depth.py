@@ -225,6 +225,17 @@ def test_cli_prune_depth(capsys):
     assert "--blocks N" in capsys.readouterr().err
 
 
+def test_cli_prune_depth_exports(capsys, tmp_path):
+    from fxgndi.cli import main
+    out = tmp_path / "depth.pt2"
+    assert main(["prune-depth", "--model", "resnet18", "--data", "digits", "--limit", "8",
+                 "--batch-size", "4", "--quiet", "--blocks", "1", "--criterion", "random",
+                 "--out", str(out)]) == 0
+    assert f"exported to {out}" in capsys.readouterr().out
+    program = torch.export.load(out).module()
+    assert program(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 def _small(name: str) -> torch.nn.Module:
     if name == "swin":
         from torchvision.models.swin_transformer import SwinTransformer
