@@ -11,10 +11,10 @@ statistics are those of the network that will be evaluated.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .errors import DataError
 from .runtime import device_of, eval_mode

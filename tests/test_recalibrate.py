@@ -6,7 +6,7 @@ import doctest
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import fxgndi.recalibrate
 from fxgndi.errors import DataError
