@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     pruner.add_argument("--global-pruning", action="store_true")
     pruner.add_argument("--compensate", action="store_true",
                         help="fold removed channels' means into the consumers' biases")
+    _recalibrate_arg(pruner)
     pruner.add_argument("--out", default=None, metavar="PATH",
                         help="also export the pruned model: .pt2, .onnx, .ts or .pth")
 
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what a removed branch becomes: nothing, or its per-channel mean")
     depth.add_argument("--no-greedy", dest="greedy", action="store_false",
                        help="rank once instead of re-scoring after each removal")
+    _recalibrate_arg(depth)
     depth.add_argument("--out", default=None, metavar="PATH",
                        help="also export the pruned model: .pt2, .onnx or .ts")
 
@@ -183,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     validator.add_argument("--n-channels", type=int, default=300)
     validator.add_argument("--n-boot", type=int, default=10000)
     return parser
+
+
+def _recalibrate_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recalibrate-bn", action="store_true",
+                   help="re-estimate BatchNorm running statistics on the data after pruning "
+                        "(no weight changes; recovers most no-fine-tune accuracy)")
 
 
 def _command(sub, name: str, run: Callable, help_text: str, example: str):
@@ -312,7 +320,8 @@ def _run_prune(args) -> None:
     model, data = _load(args)
     result = prune(model, data, sparsity=args.sparsity, target=args.target,
                    importance=args.importance, global_pruning=args.global_pruning,
-                   compensate=args.compensate, seed=args.seed, progress=not args.quiet)
+                   compensate=args.compensate, recalibrate_bn=args.recalibrate_bn,
+                   seed=args.seed, progress=not args.quiet)
     _finish_pruning(args, model, data, result)
 
 
@@ -329,7 +338,8 @@ def _finish_pruning(args, model, data, result) -> None:
     else:
         print(result.table())
         print(f"\naccuracy on the {args.split} split: {accuracy['before']:.1%} before, "
-              f"{accuracy['after']:.1%} after (no fine-tuning)")
+              f"{accuracy['after']:.1%} after (no fine-tuning"
+              f"{', BatchNorm recalibrated' if args.recalibrate_bn else ''})")
     if args.out and not args.json:
         print(f"\nexported to {args.out}: {_export_summary(result.settings['export'])}")
 
@@ -344,7 +354,8 @@ def _run_prune_depth(args) -> None:
     result = prune_depth(model, data, n_blocks=args.blocks, target=args.target,
                          sparsity=args.sparsity, criterion=args.criterion,
                          baseline=args.baseline, greedy=args.greedy, steps=args.steps,
-                         seed=args.seed, progress=not args.quiet)
+                         recalibrate_bn=args.recalibrate_bn, seed=args.seed,
+                         progress=not args.quiet)
     _finish_pruning(args, model, data, result)
 
 

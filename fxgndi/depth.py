@@ -28,6 +28,7 @@ from .errors import FxgndiError
 from .estimate import ablate, score
 from .graph import intervene, trace
 from .prune import PruneResult
+from .recalibrate import recalibrate_bn as recalibrate_statistics
 from .report import format_table
 from .runtime import device_of, eval_mode
 from .sites import describe_nodes
@@ -154,7 +155,8 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
                 criterion: str = "gndi", baseline: str = "zero", greedy: bool = True,
                 readout: str = "logits", steps: int = 4, metric: str = "logit_l2",
                 example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
-                finetune: dict[str, Any] | None = None, inplace: bool = False,
+                recalibrate_bn: bool = False, finetune: dict[str, Any] | None = None,
+                inplace: bool = False,
                 max_batches: int | None = None, seed: int = 0,
                 progress: bool = False) -> DepthPruneResult:
     """Remove the ``n_blocks`` least important residual branches, or as many as it takes to cut
@@ -179,6 +181,9 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
             computes exactly the intervention that was scored.
         greedy: re-score the pruned model after each removal (a block's importance changes once
             its neighbours are gone); False ranks once.
+        recalibrate_bn: after the removals, re-estimate every BatchNorm's running statistics
+            on ``data`` (:func:`fxgndi.recalibrate.recalibrate_bn`, no weight changes): the
+            layers after a removed branch see other statistics than they were trained on.
         finetune: ``dict(epochs=..., lr=...)`` for :func:`fxgndi.train.train_classifier`.
         inplace: share the model's parameters with the result instead of copying them (then
             fine-tuning changes the model's weights).
@@ -234,6 +239,8 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
         if target == "latency":
             step["latency_reduction"] = measure(gm)
         history.append(step)
+    if recalibrate_bn:
+        recalibrate_statistics(gm, data, max_batches=max_batches)
     if finetune:
         with eval_mode(gm):
             train_classifier(gm, data, **{"progress": progress, **finetune})
@@ -241,7 +248,8 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
     latency1 = measure.seconds(gm) if target == "latency" else float("nan")
     settings = {"criterion": criterion, "baseline": baseline, "greedy": greedy,
                 "n_blocks": n_blocks, "target": target, "sparsity": sparsity,
-                "readout": readout, "steps": steps, "metric": metric, "finetune": finetune}
+                "readout": readout, "steps": steps, "metric": metric,
+                "recalibrate_bn": recalibrate_bn, "finetune": finetune}
     return DepthPruneResult(gm, int(macs0), int(macs1), int(params0), int(params1), {}, {},
                             float("nan"), settings=settings,
                             seconds=time.perf_counter() - start, removed=removed,

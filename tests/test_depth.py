@@ -297,3 +297,26 @@ def test_latency_target_uses_measured_seconds(resnet, data, monkeypatch):
     assert 1 - r.latency_after / r.latency_before >= 0.3
     assert all(h["latency_reduction"] < 0.3 for h in r.history[:-1])
     assert "latency (ms)" in r.table()
+
+
+def test_recalibrate_bn_after_depth_pruning(resnet, data):
+    """A BatchNorm's statistics become the mean of its batch means over the data, with every
+    BatchNorm normalising by batch statistics (how running statistics are gathered)."""
+    r = prune_depth(resnet, data, n_blocks=1, criterion="random", recalibrate_bn=True)
+    stale = prune_depth(resnet, data, n_blocks=1, criterion="random")
+    name = "layer4.1.bn2" if "layer4.1" not in r.removed else "layer4.0.bn2"
+    probe = copy.deepcopy(stale.model).eval()
+    for m in probe.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.train()
+    seen = []
+    probe.get_submodule(name).register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].detach().mean(dim=(0, 2, 3))))
+    with torch.no_grad():
+        for x in data:
+            probe(x)
+    expected = torch.stack(seen).mean(0)
+    got = r.model.get_submodule(name).running_mean
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(stale.model.get_submodule(name).running_mean, expected, atol=1e-3)
+    assert r.settings["recalibrate_bn"] is True
