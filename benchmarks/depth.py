@@ -8,7 +8,8 @@ Accuracy: remove k residual branches (greedy, no fine-tuning) by first-order G-N
 channel-mean baselines), path-integrated G-NDI (m = 4), their exact ablation (logit L2) and in
 random order (mean and standard deviation over seeds); then width pruning (fxgndi.prune, G-NDI
 and L1) and depth + width ("both": one G-NDI-path block, then G-NDI channels) at the MAC
-reduction that depth pruning reached. Speed: weights=None models (speed does not depend on the weights) pruned to the same
+reduction that depth pruning reached. Each pruned model is evaluated as pruned and with its
+BatchNorm statistics re-estimated on the scoring images (no weight changes). Speed: weights=None models (speed does not depend on the weights) pruned to the same
 MAC reduction by depth and by width (L1: which channels go does not change the speed);
 latency is the median of ``--repeat`` timed forward passes, measured in this process.
 """
@@ -16,6 +17,7 @@ latency is the median of ``--repeat`` timed forward passes, measured in this pro
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -26,6 +28,7 @@ from fxgndi.cost import count_macs_params
 from fxgndi.data import load_data
 from fxgndi.depth import prune_depth
 from fxgndi.prune import prune
+from fxgndi.recalibrate import recalibrate_bn
 from fxgndi.report import format_table, pyplot, save_figure
 from fxgndi.runtime import eval_mode
 from fxgndi.train import digits_resnet18, evaluate
@@ -44,39 +47,48 @@ def accuracy(args: argparse.Namespace) -> list[tuple]:
     scoring = load_data("digits", split="train", limit=args.samples, batch_size=64,
                         shuffle=False)
     test = load_data("digits", split="test", batch_size=256)
+
+    def accuracies(pruned: torch.nn.Module) -> tuple[float, float]:
+        """Test accuracy as pruned, and with BatchNorm statistics re-estimated on ``scoring``."""
+        recalibrated = copy.deepcopy(pruned)
+        recalibrate_bn(recalibrated, scoring)
+        return evaluate(pruned, test)["accuracy"], evaluate(recalibrated, test)["accuracy"]
+
     dense = evaluate(model, test)
-    rows: list[tuple] = [(0, "dense", dense["accuracy"], None, 0.0, "")]
+    rows: list[tuple] = [(0, "dense", dense["accuracy"], None, dense["accuracy"], 0.0, "")]
     for k in args.blocks:
         reached = None
         for label, criterion, baseline, steps in DEPTH_RUNS:
             r = prune_depth(model, scoring, n_blocks=k, criterion=criterion, baseline=baseline,
                             steps=steps)
-            rows.append((k, label, evaluate(r.model, test)["accuracy"], None,
-                         r.macs_reduction, " ".join(r.removed)))
+            as_pruned, recal = accuracies(r.model)
+            rows.append((k, label, as_pruned, None, recal, r.macs_reduction,
+                         " ".join(r.removed)))
             reached = r.macs_reduction
         random_runs = [prune_depth(model, scoring, n_blocks=k, criterion="random", seed=s)
                        for s in range(args.random_seeds)]
-        accs = [evaluate(r.model, test)["accuracy"] for r in random_runs]
+        accs = [accuracies(r.model) for r in random_runs]
         rows.append((k, f"depth: random order ({args.random_seeds} seeds)",
-                     statistics.mean(accs), statistics.pstdev(accs),
+                     statistics.mean(a for a, _ in accs), statistics.pstdev(a for a, _ in accs),
+                     statistics.mean(b for _, b in accs),
                      statistics.mean(r.macs_reduction for r in random_runs), ""))
         for label, importance in (("width: gndi", "gndi"), ("width: l1", "l1")):
             r = prune(model, scoring, target="macs", sparsity=reached, importance=importance)
-            rows.append((k, label, evaluate(r.model, test)["accuracy"], None,
-                         r.macs_reduction, ""))
+            as_pruned, recal = accuracies(r.model)
+            rows.append((k, label, as_pruned, None, recal, r.macs_reduction, ""))
         if k > 1:
             _, criterion, baseline, steps = BOTH
             first = prune_depth(model, scoring, n_blocks=1, criterion=criterion,
                                 baseline=baseline, steps=steps)
             rest = 1 - (1 - reached) / (1 - first.macs_reduction)
             r = prune(first.model, scoring, target="macs", sparsity=rest, importance="gndi")
-            rows.append((k, "both: 1 block (gndi path) + width gndi",
-                         evaluate(r.model, test)["accuracy"], None,
+            as_pruned, recal = accuracies(r.model)
+            rows.append((k, "both: 1 block (gndi path) + width gndi", as_pruned, None, recal,
                          1 - r.macs_after / first.macs_before, " ".join(first.removed)))
     print(f"digits ResNet-18, no fine-tuning; scored on {args.samples} train images, "
           f"accuracy on {dense['n']} held-out test images")
-    print(format_table(rows, ["blocks", "method", "test acc", "sd", "MACs removed",
-                              "removed (in order)"], floatfmt=".3f"))
+    print(format_table(rows, ["blocks", "method", "test acc", "sd", "acc BN-recal",
+                              "MACs removed", "removed (in order)"], floatfmt=".3f"))
     if args.plot:
         plot_accuracy(rows, args.plot)
     return rows
@@ -88,7 +100,7 @@ def plot_accuracy(rows: list[tuple], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     dense = next(r for r in rows if r[1] == "dense")
     for method in dict.fromkeys(r[1] for r in rows if r[1] != "dense"):
-        points = [(0.0, dense[2])] + [(r[4], r[2]) for r in rows if r[1] == method]
+        points = [(0.0, dense[2])] + [(r[5], r[2]) for r in rows if r[1] == method]
         style = "--" if method.startswith("width") else ":" if method.startswith("both") \
             else "-"
         ax.plot(*zip(*points), style, marker="o", label=method)
