@@ -273,7 +273,7 @@ def test_families_equal_the_intervened_graph(name):
     assert r.params_after < r.params_before
 
 
-@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx", ".ts"])
 def test_depth_pruned_model_exports(resnet, data, tmp_path, suffix):
     import fxgndi
     pytest.importorskip("onnxruntime") if suffix == ".onnx" else None
