@@ -3,21 +3,28 @@
 Trains (or loads from the cache) a torchvision ResNet-18 on scikit-learn's digits, scores every
 conv and linear layer with first-order and path-integrated G-NDI, runs the exact ablations of
 the same interventions, prints how well each estimate ranks the layers and what it cost, then
-prunes the model by depth (whole residual blocks) and by width (channels) at the same MACs.
+prunes the model by depth (whole residual blocks) and by width (channels) at the same MACs,
+exports the pruned models and times them.
 """
 
 from __future__ import annotations
 
+import copy
+import os
+import tempfile
 from dataclasses import asdict
 from typing import Any, Callable
 
 from scipy import stats
 
+from .bench import bench
 from .cost import forward_seconds
 from .data import load_data
 from .depth import prune_depth
 from .estimate import ablate, score
+from .export import export
 from .prune import prune
+from .recalibrate import recalibrate_bn
 from .report import format_table
 from .scores import Scores
 from .train import digits_resnet18, evaluate
@@ -86,12 +93,14 @@ def format_study(study: dict[str, Any]) -> str:
 
 
 def pruning_study(model, scoring, test, *, n_blocks: int = 2,
-                  progress: bool = True) -> list[dict[str, Any]]:
+                  progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Depth pruning (``n_blocks`` G-NDI blocks) beside width pruning (G-NDI and L1 channels)
-    at the MAC reduction depth pruning reached; test accuracy without fine-tuning.
+    at the MAC reduction depth pruning reached; test accuracy without fine-tuning, as pruned
+    and with BatchNorm statistics re-estimated on ``scoring``. Returns the rows and the pruned
+    models by label.
 
     Example:
-        >>> rows = pruning_study(model, train_subset, test_loader)  # doctest: +SKIP
+        >>> rows, models = pruning_study(model, train_subset, test_loader)  # doctest: +SKIP
     """
     depth = prune_depth(model, scoring, n_blocks=n_blocks, progress=progress)
     results = {f"depth: {n_blocks} blocks by G-NDI path m=4 ({', '.join(depth.removed)})":
@@ -100,10 +109,36 @@ def pruning_study(model, scoring, test, *, n_blocks: int = 2,
         results[f"width: {importance} channels"] = prune(
             model, scoring, target="macs", sparsity=depth.macs_reduction,
             importance=importance, progress=progress)
-    return [{"method": label, "macs_removed": r.macs_reduction,
-             "params_removed": r.params_reduction,
-             "test_accuracy": evaluate(r.model, test)["accuracy"]}
-            for label, r in results.items()]
+    rows = []
+    for label, r in results.items():
+        recalibrated = copy.deepcopy(r.model)
+        recalibrate_bn(recalibrated, scoring)
+        rows.append({"method": label, "macs_removed": r.macs_reduction,
+                     "params_removed": r.params_reduction,
+                     "test_accuracy": evaluate(r.model, test)["accuracy"],
+                     "test_accuracy_bn_recalibrated": evaluate(recalibrated, test)["accuracy"]})
+    return rows, {label: r.model for label, r in results.items()}
+
+
+def speed_study(model, pruned: dict[str, Any], example, *, repeat: int = 10
+                ) -> tuple[list[dict[str, Any]], str]:
+    """Export each pruned model to ``.pt2`` (loaded back and checked against eager), then time
+    the dense model, the pruned ones and their exports at batch 1 and 32 on one thread.
+
+    Example:
+        >>> exports, table = speed_study(model, {"depth": m}, x[:2])  # doctest: +SKIP
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        runs: dict[str, Any] = {"dense": model}
+        exports = []
+        for i, (label, m) in enumerate(pruned.items()):
+            result = export(m, os.path.join(folder, f"pruned{i}.pt2"), example_inputs=example)
+            exports.append({"model": label, **result.to_dict()})
+            runs[label] = m
+            runs[f"{label.split(':')[0]} .pt2"] = result.path
+        report = bench(runs, input_shape=tuple(example.shape[1:]), batch_sizes=(1, 32),
+                       threads=1, repeat=repeat)
+        return exports, report.table()
 
 
 # Channel validity in the demo: fewer channels and samples than benchmarks/validity.py, and
@@ -139,12 +174,21 @@ def run_demo(*, progress: bool = True, print_fn: Callable[[str], None] = print,
         print_fn(report.table())
         channel[baseline] = [asdict(r) for r in report.results]
     scoring = load_data("digits", split="train", limit=256, batch_size=64, shuffle=False)
-    pruning = pruning_study(model, scoring, test, progress=progress)
+    pruning, pruned = pruning_study(model, scoring, test, progress=progress)
     print_fn("\n3. Pruning at equal MACs, no fine-tuning (scored on 256 train images, "
-             f"accuracy on the {len(test.dataset)} held-out images)")
+             f"accuracy on the {len(test.dataset)} held-out images; BN-recal: BatchNorm "
+             "statistics re-estimated on the 256 images)")
     print_fn(format_table([tuple(r.values()) for r in pruning],
-                          ["method", "MACs removed", "params removed", "test accuracy"],
-                          floatfmt=".3f"))
+                          ["method", "MACs removed", "params removed", "test accuracy",
+                           "BN-recal"], floatfmt=".3f"))
+    chosen = {k: v for k, v in pruned.items() if not k.startswith("width: l1")}
+    exports, speed = speed_study(model, chosen, scoring.dataset[0][0][None].repeat(2, 1, 1, 1))
+    print_fn("\n4. Export to .pt2 (torch.export, loaded back, largest difference from eager) "
+             "and speed on one CPU thread")
+    print_fn(format_table([(e["model"], e["format"], e["max_abs_diff"], e["bytes"] / 2**20)
+                           for e in exports], ["model", "format", "max |diff|", "MB"],
+                          floatfmt=".3g"))
+    print_fn(speed)
     return {"accuracy": quality["accuracy"], "layer": study["rows"], "channel": channel,
-            "pruning": pruning}
+            "pruning": pruning, "export": exports}
 
