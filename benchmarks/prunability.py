@@ -6,9 +6,9 @@ table gives the stage each model reached, MACs and parameters before and after, 
 Every model runs in its own subprocess under ``--timeout`` so that one hang or crash does not
 stall the sweep; a hang dumps the Python stack of every thread (faulthandler) into the error.
 
-    OMP_NUM_THREADS=1 python benchmarks/prunability.py --out results/prunability_gndi.json
+    OMP_NUM_THREADS=1 python benchmarks/prunability.py --out docs/prunability_gndi.json
     python benchmarks/prunability.py --models 'swin_*' 'shufflenet*' --importance l1 \\
-        --out results/prunability_l1.json   # merges into an existing --out file
+        --out docs/prunability_l1.json   # merges into an existing --out file
 """
 
 from __future__ import annotations
