@@ -133,8 +133,9 @@ def speed(args: argparse.Namespace) -> list[tuple]:
         data = [torch.randn(2, 3, args.size, args.size)]
         example = data[0][:1]
         try:
-            depth = prune_depth(model, data, target="macs", sparsity=args.sparsity)
-            pruned = {"depth (gndi path)": depth}
+            depth = prune_depth(model, data, target="macs", sparsity=args.sparsity,
+                                criterion=args.criterion, max_memory=args.max_memory)
+            pruned = {f"depth ({args.criterion})": depth}
             pruned["width (l1)"] = prune(model, data, target="macs",
                                          sparsity=depth.macs_reduction, importance="l1")
         except Exception as exc:  # report and go on with the next model
@@ -171,6 +172,9 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--criterion", default="gndi", choices=["gndi", "ablation", "random"],
+                        help="speed part: how depth pruning picks blocks (G-NDI path m=4)")
+    parser.add_argument("--max-memory", default="4GB", help="speed part: scoring budget")
     parser.add_argument("--repeat", type=int, default=10)
     args = parser.parse_args(argv)
     return accuracy(args) if args.part == "accuracy" else speed(args)

@@ -157,8 +157,8 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
                 example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
                 recalibrate_bn: bool = False, finetune: dict[str, Any] | None = None,
                 inplace: bool = False,
-                max_batches: int | None = None, seed: int = 0,
-                progress: bool = False) -> DepthPruneResult:
+                max_batches: int | None = None, max_memory: int | str | None = None,
+                seed: int = 0, progress: bool = False) -> DepthPruneResult:
     """Remove the ``n_blocks`` least important residual branches, or as many as it takes to cut
     ``sparsity`` of the ``target`` (MACs, parameters or measured latency).
 
@@ -187,6 +187,8 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
         finetune: ``dict(epochs=..., lr=...)`` for :func:`fxgndi.train.train_classifier`.
         inplace: share the model's parameters with the result instead of copying them (then
             fine-tuning changes the model's weights).
+        max_memory: the scoring's memory budget (as :func:`fxgndi.score`), e.g. ``"4GB"``:
+            path integration over many blocks of a large model needs it.
 
     Example:
         >>> import torchvision
@@ -223,7 +225,8 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
     while not done(removed):
         if greedy or not ranking:
             ranking = _score_blocks(gm, data, calibration, candidates, criterion, baseline,
-                                    readout, steps, metric, max_batches, generator, progress)
+                                    readout, steps, metric, max_batches, max_memory, generator,
+                                    progress)
         alive = [n for n in ranking if n not in removed and _alive(gm, candidates[n])]
         if not alive:
             raise FxgndiError("no removable block is left (nested blocks went with their "
@@ -316,7 +319,8 @@ def _propagate_shapes(gm: fx.GraphModule, example: Any) -> None:
 def _score_blocks(gm: fx.GraphModule, data: Iterable, calibration: Iterable,
                   candidates: dict[str, ResidualBlock], criterion: str, baseline: str,
                   readout: str, steps: int, metric: str, max_batches: int | None,
-                  generator: torch.Generator, progress: bool) -> dict[str, float]:
+                  max_memory: int | str | None, generator: torch.Generator, progress: bool
+                  ) -> dict[str, float]:
     """Block name -> importance of removing its branch from the current model."""
     live = {b.branch: b.name for b in candidates.values() if _alive(gm, b)}
     if criterion == "random":
@@ -325,9 +329,10 @@ def _score_blocks(gm: fx.GraphModule, data: Iterable, calibration: Iterable,
                       data=calibration if baseline != "zero" else None)
     if criterion == "gndi":
         scores = score(graph, data, steps=steps, readout=readout, max_batches=max_batches,
-                       progress=progress)
+                       max_memory=max_memory, progress=progress)
     else:
-        scores = ablate(graph, data, metric=metric, max_batches=max_batches, progress=progress)
+        scores = ablate(graph, data, metric=metric, max_batches=max_batches,
+                        max_memory=max_memory, progress=progress)
     by_site = dict(zip(scores.names, scores.values.tolist()))
     return {live[s.node]: by_site[s.name] for s in graph.sites}
 

@@ -73,8 +73,8 @@ def test_depth_speed_part_runs(capsys, tmp_path):
     printed = capsys.readouterr().out
     assert "latency gain per MAC removed" in printed
     by_method = {r[1]: r for r in rows}
-    assert set(by_method) == {"dense", "depth (gndi path)", "width (l1)"}
-    depth_cut, width_cut = by_method["depth (gndi path)"][3], by_method["width (l1)"][3]
+    assert set(by_method) == {"dense", "depth (gndi)", "width (l1)"}
+    depth_cut, width_cut = by_method["depth (gndi)"][3], by_method["width (l1)"][3]
     assert depth_cut >= 0.2 and abs(width_cut - depth_cut) < 0.03  # equal MACs, within 2%
     fake = [(0, "dense", 0.9, None, 0.9, 0.0, ""), (1, "depth: x", 0.8, None, 0.85, 0.1, "b")]
     load("depth").plot_accuracy(fake, tmp_path / "depth.png")
