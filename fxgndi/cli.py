@@ -191,6 +191,14 @@ def _recalibrate_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recalibrate-bn", action="store_true",
                    help="re-estimate BatchNorm running statistics on the data after pruning "
                         "(no weight changes; recovers most no-fine-tune accuracy)")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="fine-tune the pruned model on the data for this many epochs")
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
+
+
+def _finetune(args) -> dict[str, Any] | None:
+    return dict(epochs=args.finetune_epochs, lr=args.finetune_lr) \
+        if args.finetune_epochs > 0 else None
 
 
 def _command(sub, name: str, run: Callable, help_text: str, example: str):
@@ -321,7 +329,7 @@ def _run_prune(args) -> None:
     result = prune(model, data, sparsity=args.sparsity, target=args.target,
                    importance=args.importance, global_pruning=args.global_pruning,
                    compensate=args.compensate, recalibrate_bn=args.recalibrate_bn,
-                   seed=args.seed, progress=not args.quiet)
+                   finetune=_finetune(args), seed=args.seed, progress=not args.quiet)
     _finish_pruning(args, model, data, result)
 
 
@@ -338,8 +346,10 @@ def _finish_pruning(args, model, data, result) -> None:
     else:
         print(result.table())
         print(f"\naccuracy on the {args.split} split: {accuracy['before']:.1%} before, "
-              f"{accuracy['after']:.1%} after (no fine-tuning"
-              f"{', BatchNorm recalibrated' if args.recalibrate_bn else ''})")
+              f"{accuracy['after']:.1%} after ("
+              + (f"{args.finetune_epochs} epoch(s) of fine-tuning" if args.finetune_epochs
+                 else "no fine-tuning")
+              + (", BatchNorm recalibrated" if args.recalibrate_bn else "") + ")")
     if args.out and not args.json:
         print(f"\nexported to {args.out}: {_export_summary(result.settings['export'])}")
 
@@ -354,8 +364,8 @@ def _run_prune_depth(args) -> None:
     result = prune_depth(model, data, n_blocks=args.blocks, target=args.target,
                          sparsity=args.sparsity, criterion=args.criterion,
                          baseline=args.baseline, greedy=args.greedy, steps=args.steps,
-                         recalibrate_bn=args.recalibrate_bn, seed=args.seed,
-                         progress=not args.quiet)
+                         recalibrate_bn=args.recalibrate_bn, finetune=_finetune(args),
+                         seed=args.seed, progress=not args.quiet)
     _finish_pruning(args, model, data, result)
 
 

@@ -223,6 +223,9 @@ def test_cli_prune_depth(capsys):
     assert set(printed["accuracy"]) == {"before", "after"}
     assert main(["prune-depth", *common]) == 1
     assert "--blocks N" in capsys.readouterr().err
+    assert main(["prune-depth", *common, "--blocks", "1", "--criterion", "random",
+                 "--finetune-epochs", "1", "--recalibrate-bn"]) == 0
+    assert "1 epoch(s) of fine-tuning, BatchNorm recalibrated" in capsys.readouterr().out
 
 
 def test_cli_prune_depth_exports(capsys, tmp_path):
