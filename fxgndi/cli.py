@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -49,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     torch.manual_seed(args.seed)
+    # torch's own forward-AD set-up scripts a decomposition on first use and warns about
+    # TorchScript's deprecation: nothing a user of the command can act on.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated",
+                            category=FutureWarning)
     try:
         _check_outputs(args)
         args.device = init_from_env(args.device)
