@@ -423,6 +423,11 @@ def _write_state_dict(model: nn.Module, tmp: str, inputs: tuple[torch.Tensor, ..
                       dynamic_batch: bool, info: dict[str, Any]) -> None:
     import torch_pruning as tp
 
+    if isinstance(model, torch.fx.GraphModule):
+        raise ExportError("a .pth file rebuilds the unpruned architecture and loads pruned "
+                          "weights into it, but this model is a torch.fx GraphModule (e.g. "
+                          "depth-pruned) whose graph differs from that architecture: export "
+                          "to .pt2, .onnx or .ts instead")
     try:
         torch.save({"fxgndi": info, "class": _class_path(model),
                     "torch_pruning": tp.state_dict(model)}, tmp)

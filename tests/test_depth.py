@@ -323,3 +323,13 @@ def test_recalibrate_bn_after_depth_pruning(resnet, data):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(stale.model.get_submodule(name).running_mean, expected, atol=1e-3)
     assert r.settings["recalibrate_bn"] is True
+
+
+def test_pth_export_of_a_depth_pruned_model_is_refused_clearly(resnet, data, tmp_path):
+    import fxgndi
+    from fxgndi.export import ExportError
+    r = prune_depth(resnet, data, n_blocks=1, criterion="random")
+    with pytest.raises(ExportError, match="GraphModule .* export to .pt2"):
+        fxgndi.export(r.model, tmp_path / "depth.pth", example_inputs=data[0][:2],
+                      model_name="resnet18", model_kwargs={"num_classes": 10})
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
