@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["gndi", "ablation", "l1", "l2", "taylor", "hessian", "lamp",
                                  "bn", "fpgm", "random"])
     pruner.add_argument("--global-pruning", action="store_true")
+    pruner.add_argument("--round-to", type=int, default=None, metavar="N",
+                        help="keep channel counts multiples of N (8 runs faster on CPUs)")
     pruner.add_argument("--compensate", action="store_true",
                         help="fold removed channels' means into the consumers' biases")
     _recalibrate_arg(pruner)
@@ -333,6 +335,7 @@ def _run_prune(args) -> None:
     model, data = _load(args)
     result = prune(model, data, sparsity=args.sparsity, target=args.target,
                    importance=args.importance, global_pruning=args.global_pruning,
+                   round_to=args.round_to,
                    compensate=args.compensate, recalibrate_bn=args.recalibrate_bn,
                    finetune=_finetune(args), seed=args.seed, progress=not args.quiet)
     _finish_pruning(args, model, data, result)

@@ -73,3 +73,12 @@ def test_prune_reports_reduction_and_accuracy(capsys):
 def test_prune_rejects_a_sparsity_outside_0_1(capsys):
     assert main(["prune", *COMMON, "--sparsity", "1.5"]) == 1
     assert "sparsity" in capsys.readouterr().err
+
+
+def test_prune_round_to_keeps_widths_multiples_of_n(capsys):
+    assert main(["prune", *COMMON, "--sparsity", "0.3", "--importance", "l1", "--round-to", "8",
+                 "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    widths = [after for name, (before, after) in printed["channels"].items() if name != "fc"]
+    assert widths and all(w % 8 == 0 for w in widths)
+    assert any(before != after for before, after in printed["channels"].values())
