@@ -30,7 +30,7 @@ from fxgndi.depth import prune_depth
 from fxgndi.prune import prune
 from fxgndi.recalibrate import recalibrate_bn
 from fxgndi.report import format_table, pyplot, save_figure
-from fxgndi.runtime import eval_mode
+from fxgndi.runtime import eval_mode, torch_threads
 from fxgndi.train import digits_resnet18, evaluate
 
 DEPTH_RUNS = [("depth: gndi first order (zero)", "gndi", "zero", 1),
@@ -125,7 +125,11 @@ def _latency(model: torch.nn.Module, x: torch.Tensor, repeat: int) -> float:
 
 def speed(args: argparse.Namespace) -> list[tuple]:
     """Latency of depth- and width-pruned models at equal MAC reduction."""
-    torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):
+        return _speed_rows(args)
+
+
+def _speed_rows(args: argparse.Namespace) -> list[tuple]:
     rows: list[tuple] = []
     for name in args.models:
         torch.manual_seed(0)

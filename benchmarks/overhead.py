@@ -37,6 +37,7 @@ from torch.utils.benchmark import Timer
 
 import fxgndi
 from fxgndi.report import format_table
+from fxgndi.runtime import torch_threads
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from scoring_speed import SITES, build_model, make_input, write_json  # noqa: E402
@@ -213,12 +214,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print the table; 0 when every output is bit-identical."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):  # the caller's setting is restored afterwards
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)  # leave the caller's setting as it was
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ import torchvision
 
 import fxgndi
 from fxgndi.report import format_table
+from fxgndi.runtime import torch_threads
 
 DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "vit_b_16")
 SITES = ["conv", "linear"]
@@ -326,12 +327,8 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table; returns 0 when every agreement check passes."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):  # the caller's setting is restored afterwards
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)  # leave the caller's setting as it was
 
 
 def _run(args: argparse.Namespace) -> int:

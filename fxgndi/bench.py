@@ -33,7 +33,7 @@ import torch.nn as nn
 from .cost import count_macs_params
 from .export import OnnxModule, artifact_info, load
 from .report import format_table, pyplot, save_figure
-from .runtime import on_device
+from .runtime import on_device, torch_threads
 
 
 @dataclass
@@ -170,7 +170,7 @@ def bench(models: Mapping[str, Any], *, input_shape: Sequence[int],
         raise ValueError(f"need warmup >= 0 and repeat >= 1, not {warmup} and {repeat}")
     entries = _entries(models, dev, shape, threads or torch.get_num_threads(), compile)
     rows: list[BenchRow] = []
-    with _torch_threads(threads), torch.inference_mode():
+    with torch_threads(threads), torch.inference_mode():
         for batch in batch_sizes:
             x = torch.randn([int(batch), *shape], generator=torch.Generator().manual_seed(seed))
             base = None
@@ -352,21 +352,6 @@ def _memory_method(device: torch.device) -> str:
     if _can_reset_hwm():
         return "RSS high-water rise from the first call on (Linux VmHWM, reset before)"
     return "ru_maxrss rise (a lower bound: 0 unless above the process's earlier peak)"
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    if threads is None:
-        yield
-        return
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, not {threads}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _reason(exc: BaseException) -> str:

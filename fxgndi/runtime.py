@@ -61,3 +61,28 @@ def on_device(model: nn.Module, device: torch.device | str | None,
     if same:
         return model, dev
     return copy.deepcopy(model).to(device=dev, dtype=dtype), dev
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op torch threads, then restore the caller's setting
+    (None: leave it as it is).
+
+    Example:
+        >>> before = torch.get_num_threads()
+        >>> with torch_threads(1): torch.get_num_threads()
+        1
+        >>> torch.get_num_threads() == before
+        True
+    """
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, not {threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -68,8 +68,10 @@ def test_overhead_runs_and_outputs_are_identical(tmp_path, capsys):
 
 
 def test_depth_speed_part_runs(capsys, tmp_path):
+    threads = torch.get_num_threads()
     rows = load("depth").main(["speed", "--models", "resnet18", "--size", "32", "--batch", "1",
-                               "--repeat", "1", "--sparsity", "0.2"])
+                               "--repeat", "1", "--sparsity", "0.2", "--threads", "1"])
+    assert torch.get_num_threads() == threads  # the caller's setting is restored
     printed = capsys.readouterr().out
     assert "latency gain per MAC removed" in printed
     by_method = {r[1]: r for r in rows}
