@@ -168,10 +168,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, format: str
         torch.Size([5, 2])
     """
     path = os.fspath(path)
-    fmt = _format(path, format)
-    if not os.path.isfile(path):
-        raise ExportError(f"{path!r} does not exist: pass the path of a file written by "
-                          "fxgndi.export")
+    fmt = _existing_format(path, format)
     try:
         return _load(path, fmt, model, threads)
     except ImportError as exc:
@@ -214,10 +211,7 @@ def artifact_info(path: str | os.PathLike) -> dict[str, Any]:
         (8, [[3]])
     """
     path = os.fspath(path)
-    fmt = _format(path, None)
-    if not os.path.isfile(path):
-        raise ExportError(f"{path!r} does not exist: pass the path of a file written by "
-                          "fxgndi.export")
+    fmt = _existing_format(path, None)
     try:
         if fmt == "pt2":
             files = {_INFO_NAME: ""}
@@ -295,6 +289,15 @@ def _format(path: str, format: str | None) -> str:
                           f"{suffix or '(none)'!r}: end the name with one of "
                           f"{', '.join(FORMATS)}, or pass format=")
     return FORMATS[suffix]
+
+
+def _existing_format(path: str, format: str | None) -> str:
+    """The format of an artifact that must already exist (ExportError when it does not)."""
+    fmt = _format(path, format)
+    if not os.path.isfile(path):
+        raise ExportError(f"{path!r} does not exist: pass the path of a file written by "
+                          "fxgndi.export")
+    return fmt
 
 
 def _check_directory(path: str) -> None:
