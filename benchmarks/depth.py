@@ -6,10 +6,11 @@
 
 Accuracy: remove k residual branches (greedy, no fine-tuning) by first-order G-NDI (zero and
 channel-mean baselines), path-integrated G-NDI (m = 4), their exact ablation (logit L2) and in
-random order (mean and standard deviation over seeds); then width pruning (fxgndi.prune, G-NDI
-and L1) and depth + width ("both": one G-NDI-path block, then G-NDI channels) at the MAC
+random order (mean and standard deviation over seeds); then width pruning (fxgndi.prune,
+G-NDI and L1) and depth + width ("both": one G-NDI-path block, then G-NDI channels) at the MAC
 reduction that depth pruning reached. Each pruned model is evaluated as pruned and with its
-BatchNorm statistics re-estimated on the scoring images (no weight changes). Speed: weights=None models (speed does not depend on the weights) pruned to the same
+BatchNorm statistics re-estimated on the scoring images (no weight changes). Speed: weights=None
+models (speed does not depend on the weights) pruned to the same
 MAC reduction by depth and by width (L1: which channels go does not change the speed);
 latency is the median of ``--repeat`` timed forward passes, measured in this process.
 """
@@ -24,14 +25,15 @@ import time
 import torch
 import torchvision
 
-from fxgndi.cost import count_macs_params
-from fxgndi.data import load_data
-from fxgndi.depth import prune_depth
-from fxgndi.prune import prune
-from fxgndi.recalibrate import recalibrate_bn
-from fxgndi.report import format_table, pyplot, save_figure
-from fxgndi.runtime import eval_mode, torch_threads
-from fxgndi.train import digits_resnet18, evaluate
+from fxgndi.core.cost import count_macs_params
+from fxgndi.app.data import load_data
+from fxgndi.pruning.depth import prune_depth
+from fxgndi.pruning.width import prune
+from fxgndi.pruning.recalibrate import recalibrate_bn
+from fxgndi.core.report import format_table, pyplot, save_figure
+from fxgndi.core.runtime import eval_mode, torch_threads
+from fxgndi.app.zoo import digits_resnet18
+from fxgndi.pruning.finetune import evaluate
 
 DEPTH_RUNS = [("depth: gndi first order (zero)", "gndi", "zero", 1),
               ("depth: gndi first order (channel-mean)", "gndi", "channel-mean", 1),
@@ -59,13 +61,13 @@ def accuracy(args: argparse.Namespace) -> list[tuple]:
     for k in args.blocks:
         reached = None
         for label, criterion, baseline, steps in DEPTH_RUNS:
-            r = prune_depth(model, scoring, n_blocks=k, criterion=criterion, baseline=baseline,
+            r = prune_depth(model, scoring, n_blocks=k, importance=criterion, baseline=baseline,
                             steps=steps)
             as_pruned, recal = accuracies(r.model)
             rows.append((k, label, as_pruned, None, recal, r.macs_reduction,
                          " ".join(r.removed)))
             reached = r.macs_reduction
-        random_runs = [prune_depth(model, scoring, n_blocks=k, criterion="random", seed=s)
+        random_runs = [prune_depth(model, scoring, n_blocks=k, importance="random", seed=s)
                        for s in range(args.random_seeds)]
         accs = [accuracies(r.model) for r in random_runs]
         rows.append((k, f"depth: random order ({args.random_seeds} seeds)",
@@ -78,7 +80,7 @@ def accuracy(args: argparse.Namespace) -> list[tuple]:
             rows.append((k, label, as_pruned, None, recal, r.macs_reduction, ""))
         if k > 1:
             _, criterion, baseline, steps = BOTH
-            first = prune_depth(model, scoring, n_blocks=1, criterion=criterion,
+            first = prune_depth(model, scoring, n_blocks=1, importance=criterion,
                                 baseline=baseline, steps=steps)
             rest = 1 - (1 - reached) / (1 - first.macs_reduction)
             r = prune(first.model, scoring, target="macs", sparsity=rest, importance="gndi")
@@ -138,8 +140,8 @@ def _speed_rows(args: argparse.Namespace) -> list[tuple]:
         example = data[0][:1]
         try:
             depth = prune_depth(model, data, target="macs", sparsity=args.sparsity,
-                                criterion=args.criterion, max_memory=args.max_memory)
-            pruned = {f"depth ({args.criterion})": depth}
+                                importance=args.importance, max_memory=args.max_memory)
+            pruned = {f"depth ({args.importance})": depth}
             pruned["width (l1)"] = prune(model, data, target="macs",
                                          sparsity=depth.macs_reduction, importance="l1")
         except Exception as exc:  # report and go on with the next model
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--criterion", default="gndi", choices=["gndi", "ablation", "random"],
+    parser.add_argument("--importance", default="gndi", choices=["gndi", "ablation", "random"],
                         help="speed part: how depth pruning picks blocks (G-NDI path m=4)")
     parser.add_argument("--max-memory", default="4GB", help="speed part: scoring budget")
     parser.add_argument("--repeat", type=int, default=10)

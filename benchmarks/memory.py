@@ -118,8 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(child(json.loads(args.child))))
         return 0
 
-    from fxgndi.estimate import parse_bytes
-    from fxgndi.report import format_table
+    from fxgndi.core.options import parse_bytes
+    from fxgndi.core.report import format_table
 
     rows, records, failed = [], [], False
     with tempfile.TemporaryDirectory() as tmp:

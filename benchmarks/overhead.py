@@ -36,8 +36,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.benchmark import Timer
 
 import fxgndi
-from fxgndi.report import format_table
-from fxgndi.runtime import torch_threads
+from fxgndi.core.report import format_table
+from fxgndi.core.runtime import torch_threads
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from scoring_speed import SITES, build_model, make_input, write_json  # noqa: E402

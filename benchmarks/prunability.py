@@ -47,7 +47,7 @@ def select_models(patterns: list[str]) -> list[str]:
         >>> select_models(["resnet5*", "resnet1*", "resnet50"])
         ['resnet50', 'resnet101', 'resnet152', 'resnet18']
     """
-    from fxgndi.models import classification_models
+    from fxgndi.app.models import classification_models
 
     known = sorted(classification_models())
     chosen = list(dict.fromkeys(m for p in patterns for m in known if fnmatch.fnmatch(m, p)))
@@ -68,9 +68,9 @@ def run_one(name: str, importance: str, sparsity: float, batch: int, num_classes
     """
     import torch
 
-    from fxgndi.graph import trace
-    from fxgndi.models import load_model
-    from fxgndi.prune import prune
+    from fxgndi.fx.intervention import trace
+    from fxgndi.app.models import load_model
+    from fxgndi.pruning.width import prune
 
     row: dict[str, Any] = {"model": name, "traced": False, "scored": False, "pruned": False,
                            "forward": False}
@@ -87,7 +87,8 @@ def run_one(name: str, importance: str, sparsity: float, batch: int, num_classes
         stage = "prune"
         result = prune(model, [(x, y)], example_inputs=x[:1], sparsity=sparsity,
                        importance=importance)
-        row.update(scored=True, pruned=True, macs_before=result.macs_before, macs_after=result.macs_after,
+        row.update(scored=True, pruned=True, macs_before=result.macs_before,
+                   macs_after=result.macs_after,
                    params_before=result.params_before, params_after=result.params_after,
                    architectures=result.settings.get("architectures", []))
         stage = "forward"
@@ -147,18 +148,14 @@ def _load(path: str | None) -> dict[str, dict[str, Any]]:
 
 def _save(path: str, rows: dict[str, dict[str, Any]], settings: dict[str, Any]) -> None:
     """JSON and CSV beside each other, each written to a temp file and renamed."""
+    from fxgndi.core.files import atomic_path, write_json
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     ordered = [rows[k] for k in sorted(rows)]
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"settings": settings, "rows": ordered}, f, indent=1)
-    os.replace(tmp, path)
-    csv_path = os.path.splitext(path)[0] + ".csv"
-    with open(tmp, "w", newline="") as f:
+    write_json(path, {"settings": settings, "rows": ordered})
+    with atomic_path(os.path.splitext(path)[0] + ".csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(ordered)
-    os.replace(tmp, csv_path)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -169,7 +166,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         ...               "macs_before": 2e9, "macs_after": 1e9, "params_before": 4e6,
         ...               "params_after": 1e6, "seconds": 3.0}]))  # doctest: +SKIP
     """
-    from fxgndi.report import format_table
+    from fxgndi.core.report import format_table
 
     def mark(value: Any) -> str:
         return {True: "yes", False: "no", None: "?"}[value]
@@ -209,7 +206,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         _child(args)
         return []
     settings = {k: getattr(args, k) for k in ("importance", "sparsity", "batch",
-                                               "num_classes", "timeout")}
+                                              "num_classes", "timeout")}
     rows = _load(args.out)
     names = [] if args.report else select_models(args.models)
     for i, name in enumerate(names):

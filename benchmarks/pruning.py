@@ -11,9 +11,9 @@ Every criterion prunes a copy of the same model with ``fxgndi.prune(target="macs
 channel ratio is searched until the MACs removed are within 2% of the point), under the same
 ranking scope (per-group local ratio, or ``--global``). Three accuracies per pruned model:
 ``acc`` as pruned; ``acc BN-recal``: the same model after
-:func:`fxgndi.recalibrate.recalibrate_bn` on the scoring samples (running statistics only, no
-weight changes); ``acc FT``: the pruned model (without recalibration) after
-``--finetune-epochs`` of :func:`fxgndi.train.train_classifier` on the whole train split.
+:func:`fxgndi.pruning.recalibrate.recalibrate_bn` on the scoring samples (running statistics
+only, no weight changes); ``acc FT``: the pruned model (without recalibration) after
+``--finetune-epochs`` of :func:`fxgndi.pruning.finetune.train_classifier` on the whole train split.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from fxgndi.data import load_data, num_classes
-from fxgndi.importance import GNDIImportance
-from fxgndi.models import load_model
-from fxgndi.prune import make_importance, prune
-from fxgndi.recalibrate import recalibrate_bn
-from fxgndi.report import format_table, pyplot, save_figure
-from fxgndi.train import digits_resnet18, evaluate, train_classifier
+from fxgndi.app.data import load_data, num_classes
+from fxgndi.pruning.importance import AblationImportance, GNDIImportance
+from fxgndi.app.models import load_model
+from fxgndi.pruning.width import make_importance, prune
+from fxgndi.pruning.recalibrate import recalibrate_bn
+from fxgndi.core.report import format_table, pyplot, save_figure
+from fxgndi.app.zoo import digits_resnet18
+from fxgndi.pruning.finetune import evaluate, train_classifier
 
 
 class Criterion(NamedTuple):
@@ -49,7 +50,7 @@ class Criterion(NamedTuple):
         return self.importance in ("gndi", "ablation")
 
 
-TP_BUILTINS = ("l1", "l2", "taylor", "hessian", "lamp", "bn", "fpgm", "random")
+TP_BUILTINS = ("l1", "l2", "weight_taylor", "hessian", "lamp", "bn", "fpgm", "random")
 CRITERIA: dict[str, Criterion] = {
     "gndi-zero": Criterion("gndi", "zero"),
     "gndi-zero+comp": Criterion("gndi", "zero", True),
@@ -61,12 +62,12 @@ CRITERIA: dict[str, Criterion] = {
 NOTES = """\
 Notes on torch-pruning {version}'s built-ins, run as shipped (their own default normaliser unless
 --normalizer is given) except where fxgndi.prune supplies the gradients they read:
-- taylor: |w * dL/dw| summed over the group; its BatchNorm branch tests for GroupNorm's pruning
-  function, so BatchNorm layers give the group no score (only conv / linear weights count).
+- weight_taylor: |w * dL/dw| summed over the group; its BatchNorm branch tests for GroupNorm's
+  pruning function, so BatchNorm layers give the group no score (only conv / linear weights count).
 - hessian: torch-pruning's accumulate_grad keeps only the last sample's squared gradient (it keys
   its sums by parameter but tests membership by name); fxgndi.prune accumulates the per-sample
   squared gradients of all scoring samples itself, so this row is the intended OBD estimate.
-- taylor and hessian use the cross-entropy on the scoring samples; l1, l2, lamp, bn, fpgm use
+- weight_taylor and hessian use the cross-entropy on the scoring samples; l1, l2, lamp, bn, fpgm use
   weights only; random is seeded (seed 0)."""
 
 
@@ -87,8 +88,8 @@ def make_scorer(name: str, criterion: Criterion, data: Any, args: argparse.Names
         data = load_data(args.data, split="train", limit=min(args.samples, args.ablation_samples),
                          batch_size=64, shuffle=False, image_size=args.image_size)
     if criterion.causal:
-        return GNDIImportance(data, method=criterion.importance, baseline=criterion.baseline,
-                              **options)
+        cls = GNDIImportance if criterion.importance == "gndi" else AblationImportance
+        return cls(data, baseline=criterion.baseline, **options)
     return make_importance(criterion.importance, **options)
 
 
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         for factor in args.points:
             start = time.perf_counter()
             r = prune(model, score_data, sparsity=1 - 1 / factor, target="macs",
-                      importance=scorer, compensate=criterion.compensate,
+                      importance=scorer, repair={"compensate": criterion.compensate},
                       global_pruning=args.global_pruning)
             seconds = time.perf_counter() - start
             row = {"criterion": name, "reduction": factor,
@@ -208,7 +209,7 @@ def report(rows: list[dict[str, Any]], dense: dict[str, Any], s: dict[str, Any],
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="digits", help="data spec (fxgndi.data.load_data)")
+    parser.add_argument("--data", default="digits", help="data spec (fxgndi.app.data.load_data)")
     parser.add_argument("--model", default="digits-resnet18",
                         help="digits-resnet18, or a torchvision name with --checkpoint")
     parser.add_argument("--checkpoint", default=None, help="state dict for --model")

@@ -3,7 +3,7 @@
 For every model (torchvision, ``weights=None``, 10 classes, eval mode, fixed seed) and every
 conv and linear site (zero baseline, logits readout, p = 2), one run measures:
 
-1. fxgndi layer level: ``fxgndi.score(graph, [x], granularity="layer", mode="reverse")`` on an
+1. fxgndi layer level: ``fxgndi.score(graph, [x], mode="reverse")`` on an
    InterventionGraph built once beforehand (the graph build is timed separately);
 2. the paper's way: one ``torch.autograd.functional.jvp`` per site through a plain forward hook
    ``h + a * (b - h)`` on the original torchvision module (a per-sample alpha of shape [B],
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import random
@@ -39,8 +38,9 @@ import torch.nn as nn
 import torchvision
 
 import fxgndi
-from fxgndi.report import format_table
-from fxgndi.runtime import torch_threads
+from fxgndi.core import files
+from fxgndi.core.report import format_table
+from fxgndi.core.runtime import torch_threads
 
 DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "vit_b_16")
 SITES = ["conv", "linear"]
@@ -190,11 +190,11 @@ def bench_model(name: str, *, batch: int, image_size: int, repeat: int, channel_
         f"{build_layer_s:.2f} s (layer), {build_channel_s:.2f} s (channel)")
 
     def fx_layer() -> fxgndi.Scores:
-        return fxgndi.score(layer_graph, [x], granularity="layer", mode="reverse",
+        return fxgndi.score(layer_graph, [x], mode="reverse",
                             progress=False)
 
     def fx_channel() -> fxgndi.Scores:
-        return fxgndi.score(channel_graph, [x], granularity="channel", mode="reverse",
+        return fxgndi.score(channel_graph, [x], mode="reverse",
                             progress=False)
 
     def hooks_layer() -> dict[str, float]:
@@ -318,10 +318,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
     """Write JSON atomically (temp file, then rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2)
-    os.replace(tmp, path)
+    files.write_json(path, payload)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

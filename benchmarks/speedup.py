@@ -21,7 +21,6 @@ A model that fails to prune, export or run gets a row saying so, and the others 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -31,8 +30,9 @@ from typing import Any
 import torch
 
 import fxgndi
-from fxgndi.models import load_model
-from fxgndi.report import format_table, pyplot, save_figure
+from fxgndi.app.models import load_model
+from fxgndi.core.files import write_json
+from fxgndi.core.report import format_table, pyplot, save_figure
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "convnext_tiny", "vit_b_16")
 RUNTIMES = {"eager": None, "pt2": ".pt2", "onnx": ".onnx"}
@@ -182,11 +182,7 @@ def main(argv: list[str] | None = None) -> int:
           "dense eager latency / pruned latency in this runtime. Which channels are kept does "
           "not change the speed: any importance gives the same shapes at the same MAC target.")
     if args.json:
-        tmp = f"{args.json}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"settings": vars(args), "threads": threads, "results": results}, f,
-                      indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, {"settings": vars(args), "threads": threads, "results": results})
     if args.plot:
         plot(lines, args.plot)
     return 0

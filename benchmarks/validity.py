@@ -18,10 +18,11 @@ import time
 
 import torch
 
-from fxgndi.data import load_data, num_classes
-from fxgndi.models import load_model
-from fxgndi.train import digits_resnet18, evaluate
-from fxgndi.validate import DEFAULT_CHANNEL_METHODS, DEFAULT_METHODS, validate
+from fxgndi.app.data import load_data, num_classes
+from fxgndi.app.models import load_model
+from fxgndi.app.zoo import digits_resnet18
+from fxgndi.pruning.finetune import evaluate
+from fxgndi.gndi.validate import DEFAULT_CHANNEL_METHODS, DEFAULT_METHODS, validate
 
 LAYER_METHODS = (*DEFAULT_METHODS, "gndi_margin", "gndi_path_loss", "ablation")
 PROTOCOLS = [
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.only and i not in args.only:
             continue
         start = time.perf_counter()
-        report = validate(model, data, methods=LAYER_METHODS if granularity == "layer"
+        report = validate(model, data, importances=LAYER_METHODS if granularity == "layer"
                           else DEFAULT_CHANNEL_METHODS, truth=truth, granularity=granularity,
                           sites=sites, baseline=baseline, n_channels=args.n_channels,
                           n_boot=args.n_boot, progress=False)

@@ -1,73 +1,19 @@
-"""Shared fixtures: small models with fixed weights, and hook-based references."""
+"""Shared fixtures (the helpers themselves are in tests/helpers.py)."""
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
-
 import pytest
 import torch
-import torch.nn as nn
+
+from tests.helpers import TinyNet, make_tiny
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed():
     torch.manual_seed(0)
     yield
-
-
-class TinyNet(nn.Module):
-    """conv -> bn -> relu -> residual block -> pool -> linear, small enough to check by hand."""
-
-    def __init__(self, classes: int = 3) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(4)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.relu(self.bn1(self.conv1(x)))
-        h = self.relu(h + self.bn2(self.conv2(h)))
-        return self.fc(self.pool(h).flatten(1))
-
-
-def make_tiny(dtype: torch.dtype = torch.float32) -> TinyNet:
-    """A TinyNet in eval mode with non-trivial BatchNorm statistics."""
-    torch.manual_seed(0)
-    model = TinyNet().to(dtype)
-    for bn in (model.bn1, model.bn2):
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
 
 
 @pytest.fixture
 def tiny() -> TinyNet:
     return make_tiny()
-
-
-@contextlib.contextmanager
-def replace_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
-                   call: int = 0) -> Iterator[None]:
-    """Forward hook that replaces the output of ``module``'s ``call``-th call by ``fn(output)``.
-
-    Independent of fxgndi: this is how one ablates with plain PyTorch.
-    """
-    seen = {"n": 0}
-
-    def hook(mod, args, output):
-        k = seen["n"]
-        seen["n"] += 1
-        return fn(output) if k == call else output
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()

@@ -14,11 +14,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxgndi
-from fxgndi.checkpoint import save_state
-from fxgndi.cli import main
-from fxgndi.errors import DataError, NonFiniteError
+from fxgndi.gndi.checkpoint import save_state
+from fxgndi.app.cli import main
+from fxgndi.core.errors import DataError, NonFiniteError
 
-from .conftest import make_tiny
+from tests.helpers import make_tiny
 
 QUIET = ["--quiet", "--sites", "layer4.*"]
 
@@ -57,7 +57,7 @@ def test_input_shape_the_model_rejects_is_a_data_error_naming_the_shape(tiny):
     with pytest.raises(DataError, match=r"rejects inputs of shape \(2, 3, 6, 6\)"):
         fxgndi.ablate(tiny, bad, metric="logit_l2", progress=False)
     with pytest.raises(DataError, match=r"rejects inputs of shape \(2, 3, 6, 6\)"):
-        fxgndi.validate(tiny, bad, methods=["gndi"], truth="logit_l2", progress=False)
+        fxgndi.validate(tiny, bad, importances=["gndi"], truth="logit_l2", progress=False)
 
 
 # --- classes -------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def test_model_with_fewer_outputs_than_the_data_has_classes(tiny):
 
 
 def test_cli_num_classes_that_differs_from_the_data(capsys):
-    from fxgndi.data import load_data
+    from fxgndi.app.data import load_data
     hi = int(next(iter(load_data("digits", limit=4, batch_size=4)))[1].max())
     assert hi >= 5
     _one_line_error(capsys, ["score", "--model", "resnet18", "--data", "digits", "--limit", "4",
@@ -151,7 +151,7 @@ def test_a_failed_state_save_keeps_the_previous_file_and_leaves_no_temp(tmp_path
 
 
 def test_resume_without_a_state_path(capsys, tiny):
-    with pytest.raises(ValueError, match="resume=True needs checkpoint=PATH"):
+    with pytest.raises(ValueError, match="resume=True needs run_state=PATH"):
         fxgndi.score(tiny, [torch.randn(2, 2, 6, 6)], resume=True, progress=False)
     _one_line_error(capsys, ["score", "--model", "resnet18", "--data", "digits", "--resume",
                              *QUIET], "--resume needs --run-state")

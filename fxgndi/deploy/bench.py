@@ -1,0 +1,367 @@
+"""Inference speed of models and their exports: latency, throughput, MACs, params, memory.
+
+:func:`bench` times every entry on the same random inputs, one call at a time after a
+warm-up, and states each one's speed-up against the first entry at the same batch size.
+Anything that cannot run (an export that fixed the batch size, ``torch.compile`` without a
+compiler, onnxruntime on a GPU) gets a row that says ``unavailable: <reason>`` instead of
+stopping the run.
+
+Peak memory, over the warm-up and timed calls of one model at one batch size: on CUDA,
+``torch.cuda.max_memory_allocated`` minus the memory allocated before them (tensors only, not
+the caching allocator's reserve). On CPU, the rise of the process's resident set size (RSS)
+above its level before the first call: Linux's ``VmHWM``
+after resetting it through ``/proc/self/clear_refs``; elsewhere ``resource.getrusage``'s
+``ru_maxrss``, which only shows a rise above the process's earlier peak (a lower bound, often
+0). RSS counts every allocation of the process, onnxruntime's arenas included; memory the
+allocator keeps from earlier entries is not counted again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from fxgndi.core.cost import count_macs_params
+from fxgndi.deploy.export import OnnxModule, artifact_info, load
+from fxgndi.core.report import format_table, pyplot, save_figure
+from fxgndi.core.runtime import on_device, torch_threads
+
+
+@dataclass
+class BenchRow:
+    """One model at one batch size. Times in milliseconds per call; ``status`` is ``"ok"`` or
+    ``"unavailable: <reason>"`` (then the timings are NaN)."""
+
+    name: str
+    kind: str
+    batch: int
+    median_ms: float = float("nan")
+    q1_ms: float = float("nan")
+    q3_ms: float = float("nan")
+    throughput: float = float("nan")
+    speedup: float = float("nan")
+    macs: int | None = None
+    params: int | None = None
+    peak_mem_mb: float = float("nan")
+    status: str = "ok"
+
+    @property
+    def iqr_ms(self) -> float:
+        """Interquartile range of the per-call latency."""
+        return self.q3_ms - self.q1_ms
+
+
+@dataclass
+class BenchReport:
+    """What :func:`bench` measured: one row per model and batch size, and the settings.
+
+    Example:
+        >>> r = BenchReport([BenchRow("a", "eager", 1, 2.0, 1.9, 2.1, 500.0, 1.0)], {})
+        >>> r.to_dict()["rows"][0]["speedup"]
+        1.0
+    """
+
+    rows: list[BenchRow]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """Latency (median [IQR]), throughput, speed-up against the first entry, MACs (per
+        sample), params, peak memory.
+
+        Example:
+            >>> r = BenchReport([BenchRow("a", "eager", 1, 2.0, 1.9, 2.1, 500.0, 1.0)], {})
+            >>> "speed-up" in r.table()
+            True
+        """
+        rows = [(r.name, r.kind, r.batch, r.median_ms, r.iqr_ms, r.throughput, r.speedup,
+                 _scaled(r.macs, 1e9), _scaled(r.params, 1e6), r.peak_mem_mb, r.status)
+                for r in self.rows]
+        headers = ["model", "runs as", "batch", "median ms", "IQR ms", "samples/s",
+                   "speed-up", "GMACs/sample", "M params", "peak MB", "status"]
+        note = (f"{self.settings.get('device', '?')}, {self.settings.get('threads', '?')} "
+                f"threads, input {self.settings.get('input_shape', '?')}, "
+                f"{self.settings.get('repeat', '?')} timed calls after "
+                f"{self.settings.get('warmup', '?')} warm-up; speed-up = first entry's median "
+                "/ this median at the same batch; peak MB: "
+                f"{self.settings.get('memory', '?')}")
+        return f"{format_table(rows, headers, floatfmt='.3g')}\n{note}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (NaN becomes None).
+
+        Example:
+            >>> BenchReport([BenchRow("a", "eager", 1)], {}).to_dict()["rows"][0]["median_ms"]
+        """
+        rows = [{**{k: _json(v) for k, v in vars(r).items()}, "iqr_ms": _json(r.iqr_ms)}
+                for r in self.rows]
+        return {"rows": rows, "settings": self.settings}
+
+    def plot(self, path: str | os.PathLike) -> None:
+        """A bar chart of each entry's speed-up against the first, one bar group per batch.
+
+        Example:
+            >>> BenchReport([BenchRow("a", "eager", 1, speedup=1.0)], {}).plot("speed.png")
+            ... # doctest: +SKIP
+        """
+        plt = pyplot()
+        names = list(dict.fromkeys(r.name for r in self.rows))
+        batches = sorted({r.batch for r in self.rows})
+        width = 0.8 / max(len(batches), 1)
+        fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) * len(batches)), 3.5))
+        for j, batch in enumerate(batches):
+            values = [next((r.speedup for r in self.rows if r.name == n and r.batch == batch),
+                           float("nan")) for n in names]
+            xs = [i + (j - (len(batches) - 1) / 2) * width for i in range(len(names))]
+            ax.bar(xs, [0.0 if v != v else v for v in values], width, label=f"batch {batch}")
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        ax.set_ylabel(f"speed-up vs {names[0]}" if names else "speed-up")
+        ax.legend()
+        save_figure(fig, path)
+
+
+def bench(models: Mapping[str, Any], *, input_shape: Sequence[int],
+          batch_sizes: Sequence[int] = (1, 32), device: str | torch.device | None = None,
+          threads: int | None = None, warmup: int = 3, repeat: int = 20,
+          compile: bool = False, seed: int = 0) -> BenchReport:
+    """Time each model on random inputs of ``(batch, *input_shape)`` for every batch size.
+
+    Args:
+        models: name -> what to run, in order; the first is the baseline of the speed-ups.
+            An ``nn.Module`` runs eagerly (copied to ``device`` if it lives elsewhere; never
+            changed); a path (``.pt2``, ``.onnx``, ``.ts``, ``.pth``) is loaded with
+            :func:`fxgndi.load` (``.onnx`` by onnxruntime with ``threads`` threads); a
+            ``torch.export.ExportedProgram`` runs its ``.module()``; an
+            ``onnxruntime.InferenceSession`` runs as it was made.
+        input_shape: one sample's shape, e.g. ``(3, 224, 224)``.
+        device: ``"cpu"`` (default) or a CUDA device.
+        threads: torch's intra-op threads during the run (restored after), and onnxruntime's
+            for the sessions this function makes; default: torch's current setting, for both.
+        warmup, repeat: untimed and timed calls per model and batch size.
+        compile: also run each ``nn.Module`` entry through ``torch.compile`` (a row
+            ``"<name> compiled"``; compilation happens in the warm-up and is not timed).
+
+    MACs and params are torch-pruning's counts per sample: counted on the module for
+    ``nn.Module`` entries, read from the record :func:`fxgndi.export` stores in an artifact
+    (MACs only when it was exported for the same ``input_shape``), else left empty.
+
+    Example:
+        >>> report = bench({"linear": nn.Linear(8, 2)}, input_shape=(8,), batch_sizes=(1, 4),
+        ...                repeat=3)
+        >>> [(r.batch, r.speedup) for r in report.rows]
+        [(1, 1.0), (4, 1.0)]
+    """
+    dev = torch.device(device or "cpu")
+    shape = [int(s) for s in input_shape]
+    if not models:
+        raise ValueError("bench needs at least one model: models={'name': model, ...}")
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise ValueError(f"batch_sizes must be positive integers, not {batch_sizes!r}")
+    if warmup < 0 or repeat < 1:
+        raise ValueError(f"need warmup >= 0 and repeat >= 1, not {warmup} and {repeat}")
+    entries = _entries(models, dev, shape, threads or torch.get_num_threads(), compile)
+    rows: list[BenchRow] = []
+    with torch_threads(threads), torch.inference_mode():
+        for batch in batch_sizes:
+            x = torch.randn([int(batch), *shape], generator=torch.Generator().manual_seed(seed))
+            base = None
+            for entry in entries:
+                row = _measure(entry, x.to(dev), dev, warmup, repeat)
+                base = row.median_ms if base is None else base
+                row.speedup = base / row.median_ms
+                rows.append(row)
+    settings = {"device": str(dev), "input_shape": shape, "batch_sizes": list(batch_sizes),
+                "threads": threads if threads is not None else torch.get_num_threads(),
+                "warmup": warmup, "repeat": repeat, "memory": _memory_method(dev),
+                "torch": torch.__version__}
+    return BenchReport(rows, settings)
+
+
+@dataclass
+class _Entry:
+    name: str
+    kind: str
+    run: Callable[..., Any] | None
+    macs: int | None = None
+    params: int | None = None
+    error: str | None = None
+
+
+def _entries(models: Mapping[str, Any], device: torch.device, shape: list[int],
+             threads: int | None, compile: bool) -> list[_Entry]:
+    entries = []
+    for name, obj in models.items():
+        try:
+            entry = _entry(name, obj, device, shape, threads)
+        except Exception as exc:  # one unloadable entry must not stop the others
+            entry = _Entry(name, "?", None, error=_reason(exc))
+        entries.append(entry)
+        if compile and entry.kind == "eager" and entry.run is not None:
+            entries.append(_compiled(entry))
+    return entries
+
+
+def _entry(name: str, obj: Any, device: torch.device, shape: list[int],
+           threads: int | None) -> _Entry:
+    if isinstance(obj, (str, os.PathLike)):
+        loaded = load(obj, threads=threads)
+        info = artifact_info(obj)
+        if isinstance(loaded, OnnxModule) and device.type != "cpu":
+            raise RuntimeError("fxgndi runs .onnx files on onnxruntime's CPU provider only")
+        if isinstance(loaded, nn.Module) and not isinstance(loaded, OnnxModule):
+            loaded = loaded.to(device)
+        kind = info.get("format") or os.path.splitext(os.fspath(obj))[1].lstrip(".")
+        macs = info.get("macs") if info.get("input_shapes", [None])[0] == shape else None
+        if kind == "state_dict":  # a real module: count it like any eager one
+            return _module_entry(name, loaded, device, shape)
+        return _Entry(name, _KINDS.get(kind, kind), loaded, macs, info.get("params"))
+    if isinstance(obj, torch.export.ExportedProgram):
+        params = sum(t.numel() for t in obj.state_dict.values())
+        return _Entry(name, "torch.export", obj.module().to(device), None, params)
+    if type(obj).__name__ == "InferenceSession":  # onnxruntime, without importing it
+        return _Entry(name, "onnxruntime", _session_runner(obj))
+    if isinstance(obj, torch.jit.ScriptModule):
+        return _Entry(name, "torchscript", obj.to(device).eval(), None,
+                      sum(p.numel() for p in obj.parameters()))
+    if isinstance(obj, nn.Module):
+        return _module_entry(name, obj, device, shape)
+    raise TypeError(f"cannot run {type(obj).__name__}: pass an nn.Module, a path of an "
+                    "exported file, a torch.export.ExportedProgram or an onnxruntime "
+                    "InferenceSession")
+
+
+_KINDS = {"pt2": "torch.export", "onnx": "onnxruntime", "torchscript": "torchscript"}
+
+
+def _module_entry(name: str, model: nn.Module, device: torch.device,
+                  shape: list[int]) -> _Entry:
+    model, _ = on_device(model, device)
+    macs, params = count_macs_params(model, torch.zeros([1, *shape], device=device))
+    # Timed in eval mode; a copy only when the user's model is in training mode.
+    runner = model if not model.training else _eval_copy(model)
+    return _Entry(name, "eager", runner, int(macs), int(params))
+
+
+def _eval_copy(model: nn.Module) -> nn.Module:
+    import copy
+    return copy.deepcopy(model).eval()
+
+
+def _compiled(entry: _Entry) -> _Entry:
+    try:
+        runner = torch.compile(entry.run, dynamic=False)
+    except Exception as exc:
+        return _Entry(f"{entry.name} compiled", "torch.compile", None, entry.macs,
+                      entry.params, _reason(exc))
+    return _Entry(f"{entry.name} compiled", "torch.compile", runner, entry.macs, entry.params)
+
+
+def _session_runner(session: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0])
+    return run
+
+
+def _measure(entry: _Entry, x: torch.Tensor, device: torch.device, warmup: int,
+             repeat: int) -> BenchRow:
+    row = BenchRow(entry.name, entry.kind, len(x), macs=entry.macs, params=entry.params)
+    if entry.run is None:
+        row.status = f"unavailable: {entry.error}"
+        return row
+    times: list[float] = []
+    try:
+        with _peak_memory(device) as peak:  # from the first call: later ones reuse its memory
+            for _ in range(max(warmup, 1)):  # at least one: compilation, first allocations
+                entry.run(x)
+            _sync(device)
+            for _ in range(repeat):
+                start = time.perf_counter()
+                entry.run(x)
+                _sync(device)
+                times.append(time.perf_counter() - start)
+    except Exception as exc:
+        row.status = f"unavailable: {_reason(exc)}"
+        return row
+    ms = sorted(t * 1e3 for t in times)
+    quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+    row.median_ms, row.q1_ms, row.q3_ms = statistics.median(ms), quartiles[0], quartiles[2]
+    row.throughput = len(x) / (row.median_ms / 1e3)
+    row.peak_mem_mb = peak["mb"]
+    return row
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
+    """Yields a dict whose ``"mb"`` holds, on exit, the peak rise in MiB (see the module
+    docstring for what is counted)."""
+    out = {"mb": float("nan")}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield out
+        out["mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        return
+    if _can_reset_hwm():
+        before = _status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
+        yield out
+        out["mb"] = max(0, _status_kb("VmHWM") - before) / 1024
+        return
+    before = _maxrss_kb()
+    yield out
+    out["mb"] = max(0, _maxrss_kb() - before) / 1024
+
+
+def _can_reset_hwm() -> bool:
+    return sys.platform.startswith("linux") and os.access("/proc/self/clear_refs", os.W_OK)
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def _maxrss_kb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform == "darwin" else rss  # bytes on macOS, KiB on Linux
+
+
+def _memory_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "CUDA max_memory_allocated rise from the first call on"
+    if _can_reset_hwm():
+        return "RSS high-water rise from the first call on (Linux VmHWM, reset before)"
+    return "ru_maxrss rise (a lower bound: 0 unless above the process's earlier peak)"
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:160]}"
+
+
+def _scaled(value: int | None, unit: float) -> float | None:
+    return None if value is None else value / unit
+
+
+def _json(value: Any) -> Any:
+    return None if isinstance(value, float) and value != value else value

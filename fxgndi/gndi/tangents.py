@@ -1,0 +1,156 @@
+"""G-NDI tangents ``d readout / d alpha`` at alpha = 0 (or on the path), three ways.
+
+* reverse mode: K vector-Jacobian products w.r.t. every alpha at once (``torch.func.vjp``
+  under ``vmap`` over one-hot output cotangents), whatever the number of sites or channels;
+* forward mode: one ``torch.func.jvp`` per site or channel (``vmap`` over one-hot tangents),
+  also the engine of the path-integrated estimator, whose points differ per site;
+* probes (p = 2): ``E_z[(z^T J v)^2] = ||J v||^2`` with Rademacher ``z``, for wide heads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+import torch.nn as nn  # noqa: F401  (doctests)
+
+from fxgndi.fx.intervention import InterventionGraph, intervene  # noqa: F401  (doctests)
+from fxgndi.gndi.readouts import readout
+from fxgndi.gndi.scores import Unit
+
+SAMPLES_PER_CHUNK = 256  # vmapped batch size (chunk x B) kept under this by default
+
+
+def reverse_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None,
+                     kind: str = "logits", chunk_size: int | None = None,
+                     cotangents: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Tangents ``d readout / d alpha`` of every site at alpha = 0, by K reverse passes.
+
+    Returns site name -> [B, K] (layer) or [B, C, K] (channel). With ``cotangents`` [R, B, K]
+    (e.g. random probes) the last dim is R projections instead of K outputs.
+
+    Example:
+        >>> g = intervene(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)), sites="linear")
+        >>> reverse_tangents(g, torch.randn(4, 3), None)["0"].shape
+        torch.Size([4, 2])
+    """
+    alphas = zero_alphas(graph, x)
+
+    def f(a: dict[str, torch.Tensor]) -> torch.Tensor:
+        return readout(graph(x, alphas=a), y, kind)
+
+    with transformable_attention():
+        out, vjp_fn = torch.func.vjp(f, alphas)
+        if cotangents is None:
+            k = out.shape[-1]
+            eye = torch.eye(k, dtype=out.dtype, device=out.device)
+            cotangents = eye[:, None, :].expand(k, out.shape[0], k)
+        chunk = chunk_size or max(1, SAMPLES_PER_CHUNK // x.shape[0])
+        (grads,) = torch.func.vmap(vjp_fn, chunk_size=chunk)(cotangents)
+    return {name: g.movedim(0, -1) for name, g in grads.items()}
+
+
+def forward_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None,
+                     kind: str, units: Sequence[Unit], t: float = 0.0,
+                     chunk_size: int | None = None) -> torch.Tensor:
+    """Tangent ``d readout / d alpha_u`` of each unit at ``alpha_u = t`` (others 0): [B, U, K].
+
+    One JVP per unit, ``vmap``-ed over chunks of units.
+
+    Example:
+        >>> g = intervene(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)), sites="linear")
+        >>> forward_tangents(g, torch.randn(4, 3), None, "logits", [("0", None)]).shape
+        torch.Size([4, 1, 2])
+    """
+    def f(a: dict[str, torch.Tensor]) -> torch.Tensor:
+        return readout(graph(x, alphas=a), y, kind)
+
+    def jvp(primal, tangent):
+        return torch.func.jvp(f, (primal,), (tangent,))[1]
+
+    chunk = chunk_size or max(1, SAMPLES_PER_CHUNK // x.shape[0])
+    outs = []
+    for lo in range(0, len(units), chunk):
+        tangents = one_hot_alphas(graph, x, units[lo:lo + chunk])
+        primals = {name: v * t for name, v in tangents.items()}
+        with transformable_attention():
+            outs.append(torch.func.vmap(jvp)(primals, tangents))  # [U, B, K]
+    return torch.cat(outs, 0).movedim(0, 1)
+
+
+def unit_norms(graph, x, y, kind, mode, units, p, steps, chunk, z) -> torch.Tensor:
+    """Per-sample p-norms [B, U] of the tangents of ``units`` on one batch, in ``mode``."""
+    if mode == "reverse":
+        return norms_of(reverse_tangents(graph, x, y, kind, chunk), units, p)
+    if mode == "probe":
+        return probe_norms(graph, x, y, kind, z, chunk, units)
+    tangents = [forward_tangents(graph, x, y, kind, units,
+                                 (j + 0.5) / steps if steps > 1 else 0.0, chunk)
+                for j in range(steps)]
+    return torch.linalg.vector_norm(torch.stack(tangents).mean(0), ord=p, dim=-1)
+
+
+def norms_of(tangents: dict[str, torch.Tensor], units: Sequence[Unit],
+             p: float) -> torch.Tensor:
+    """Per-sample p-norms [B, U] of the tangents of ``units`` (in units order)."""
+    per_site = {name: torch.linalg.vector_norm(t, ord=p, dim=-1) for name, t in tangents.items()}
+    cols = [per_site[s] if c is None else per_site[s][:, c] for s, c in units]
+    return torch.stack(cols, 1)
+
+
+def probe_norms(graph, x, y, kind, z, chunk_size, units) -> torch.Tensor:
+    """Rademacher estimate of the per-sample 2-norms: sqrt(mean_r (z_r^T J v)^2), with the
+    signs ``z`` [R, B, K] drawn by the caller."""
+    z = z.to(device=x.device, dtype=next(graph.parameters()).dtype)
+    projections = reverse_tangents(graph, x, y, kind, chunk_size, cotangents=z)
+    rms = {name: t.pow(2).mean(-1).sqrt() for name, t in projections.items()}
+    cols = [rms[s] if c is None else rms[s][:, c] for s, c in units]
+    return torch.stack(cols, 1)
+
+
+def zero_alphas(graph: InterventionGraph, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    b = x.shape[0]
+    dtype = next(graph.parameters()).dtype if any(True for _ in graph.parameters()) \
+        else torch.float32
+    if graph.granularity == "layer":
+        return {s.name: torch.zeros(b, dtype=dtype, device=x.device) for s in graph.sites}
+    return {s.name: torch.zeros(b, s.channels, dtype=dtype, device=x.device)
+            for s in graph.sites}
+
+
+def one_hot_alphas(graph: InterventionGraph, x: torch.Tensor,
+                   units: Sequence[Unit]) -> dict[str, torch.Tensor]:
+    """Alphas batched over units: entry u is 1 at unit u and 0 elsewhere, shape [U, B(, C)]."""
+    zeros = zero_alphas(graph, x)
+    involved = {s for s, _ in units}
+    alphas = {name: z.unsqueeze(0).repeat(len(units), *([1] * z.dim()))
+              for name, z in zeros.items() if name in involved}
+    for u, (site, c) in enumerate(units):
+        if c is None:
+            alphas[site][u] = 1
+        else:
+            alphas[site][u, :, c] = 1
+    return alphas
+
+
+@contextlib.contextmanager
+def transformable_attention():
+    """Attention kernels that torch.func can transform and batch.
+
+    Forward-mode AD fails through the fused attention kernels on CPU, and neither
+    ``_native_multi_head_attention`` nor the flash backward has a vmap batching rule (vmap
+    would loop over the batch in Python): use the math kernel and MHA's plain path.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha else None
+    if mha:
+        mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        if mha:
+            mha.set_fastpath_enabled(fastpath)

@@ -1,0 +1,143 @@
+"""Every use of torch-pruning's private or undocumented API, in one place.
+
+fxgndi builds on torch-pruning's public API (``DependencyGraph``, ``BasePruner``, the pruning
+functions and importances) and needs a few of its internals besides: the dependency graph a
+group belongs to (``group._DG``), which handlers prune inputs or outputs, the module-to-node
+map, and the score normalisation of its importances (``Importance._normalize``). They are
+reached only through the functions here, checked against the versions fxgndi was tested with
+(:data:`TESTED`): on another version a missing internal is a clear error naming it.
+
+Example:
+    >>> tested_version()
+    True
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+TESTED = ((1, 5), (1, 6))  # torch-pruning major.minor versions fxgndi's suite passes with
+# The root module types torch-pruning's BasePruner starts groups from, by default.
+ROOT_TYPES = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM)
+
+
+def tested_version(version: str | None = None) -> bool:
+    """Whether torch-pruning's ``version`` (default: the installed one) is one fxgndi was
+    tested with.
+
+    Example:
+        >>> tested_version("1.6.1"), tested_version("2.0.0")
+        (True, False)
+    """
+    parts = (version or tp.__version__).split(".")
+    try:
+        return (int(parts[0]), int(parts[1])) in TESTED
+    except (ValueError, IndexError):
+        return False
+
+
+if not tested_version():
+    warnings.warn(f"fxgndi was tested with torch-pruning {', '.join(f'{a}.{b}' for a, b in TESTED)}"
+                  f", not {tp.__version__}: pruning may fail on changed internals (each such "
+                  "failure names the internal)", RuntimeWarning, stacklevel=2)
+
+
+def _internal(obj: Any, name: str) -> Any:
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        raise RuntimeError(f"torch-pruning {tp.__version__} has no {type(obj).__name__}.{name}, "
+                           f"which fxgndi uses (tested with {TESTED}): install a tested "
+                           "version, e.g. pip install 'torch-pruning>=1.5,<1.7'") from None
+
+
+def graph_of(group: Any) -> Any:
+    """The DependencyGraph that made ``group``.
+
+    Example:
+        >>> graph_of(group).model  # doctest: +SKIP
+    """
+    return _internal(group, "_DG")
+
+
+def prunes_inputs_only(dg: Any, handler: Any) -> bool:
+    """Whether ``handler`` removes input channels of its layer and not output channels (the
+    layer is a *consumer* of the group: conv, linear, LSTM; not BatchNorm or depthwise convs).
+
+    Example:
+        >>> dg = tp.DependencyGraph()
+        >>> prunes_inputs_only(dg, tp.prune_conv_in_channels)
+        True
+    """
+    return (_internal(dg, "is_in_channel_pruning_fn")(handler)
+            and not _internal(dg, "is_out_channel_pruning_fn")(handler))
+
+
+def prunes_inputs(dg: Any, handler: Any) -> bool:
+    """Whether ``handler`` removes input channels of its layer.
+
+    Example:
+        >>> prunes_inputs(tp.DependencyGraph(), tp.prune_linear_in_channels)
+        True
+    """
+    return _internal(dg, "is_in_channel_pruning_fn")(handler)
+
+
+def prunes_outputs(dg: Any, handler: Any) -> bool:
+    """Whether ``handler`` removes output channels of its layer.
+
+    Example:
+        >>> prunes_outputs(tp.DependencyGraph(), tp.prune_conv_out_channels)
+        True
+    """
+    return _internal(dg, "is_out_channel_pruning_fn")(handler)
+
+
+def traced_modules(dg: Any) -> Iterator[nn.Module]:
+    """The modules the dependency graph has a node for.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> dg = tp.DependencyGraph().build_dependency(net, example_inputs=torch.zeros(1, 2))
+        >>> sum(isinstance(m, nn.Linear) for m in traced_modules(dg))
+        2
+    """
+    return iter(_internal(dg, "module2node"))
+
+
+def consumer_items(group: Any) -> list[tuple[nn.Module, list[int], list[int]]]:
+    """``(layer, idxs, root_idxs)`` of the group's consumers: the layers whose *input* channels
+    (only) the group prunes: conv, linear, LSTM. Depthwise convs, BatchNorm and the like, whose
+    in and out channels go together, are members, not consumers.
+
+    Example:
+        >>> import torchvision
+        >>> m = torchvision.models.resnet18(num_classes=10).eval()
+        >>> dg = tp.DependencyGraph().build_dependency(m, example_inputs=torch.randn(1, 3, 32, 32))
+        >>> g = dg.get_pruning_group(m.layer1[0].conv1, tp.prune_conv_out_channels, [0, 1])
+        >>> [type(layer).__name__ for layer, _, _ in consumer_items(g)]
+        ['Conv2d']
+    """
+    dg = graph_of(group)
+    return [(item.dep.target.module, [int(i) for i in item.idxs],
+             [int(i) for i in item.root_idxs])
+            for item in group if prunes_inputs_only(dg, item.dep.handler)]
+
+
+def normalize(scores: torch.Tensor, normalizer: Any) -> torch.Tensor:
+    """torch-pruning's own normalisation of importance scores (None: unchanged), so that
+    fxgndi's importances mix with its criteria.
+
+    Example:
+        >>> normalize(torch.tensor([1.0, 3.0]), "max")
+        tensor([0.3333, 1.0000])
+    """
+    if normalizer is None:
+        return scores
+    importance = tp.importance.GroupMagnitudeImportance(normalizer=normalizer)
+    return _internal(importance, "_normalize")(scores, normalizer)

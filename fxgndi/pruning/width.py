@@ -1,0 +1,405 @@
+"""Width pruning with torch-pruning, ranked by G-NDI or by torch-pruning's own criteria.
+
+``prune`` removes channels (whole torch-pruning groups of coupled channels) from a copy of the
+model until a channel, parameter or MAC budget is met, then repairs it
+(:mod:`fxgndi.pruning.repair`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch_pruning as tp
+
+from fxgndi.core.checks import check_choice, check_fraction
+from fxgndi.core.cost import count_macs_params
+from fxgndi.core.errors import FxgndiError, UntraceableModelError
+from fxgndi.core.layers import BATCHNORMS, LAYERS, in_width, out_width
+from fxgndi.core.names import PRUNE_IMPORTANCES, PRUNE_TARGETS
+from fxgndi.core.options import RunKwargs, run_options
+from fxgndi.core.runtime import device_of, eval_mode
+from fxgndi.core.streams import example_input, iter_batches
+from fxgndi.fx.analysis import analyze, facts
+from fxgndi.fx.trace import trace
+from fxgndi.pruning import architectures
+from fxgndi.pruning._tp import graph_of, prunes_inputs, prunes_outputs
+from fxgndi.pruning.compensate import compensate_group, consumer_input_means
+from fxgndi.pruning.importance import (AblationImportance, GNDIImportance,
+                                       GroupEffectImportance, check_importance_length)
+from fxgndi.pruning.repair import Repair, as_repair, repair_model
+from fxgndi.pruning.result import PruneResult
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+IMPORTANCES = PRUNE_IMPORTANCES
+TARGETS = PRUNE_TARGETS
+_TRACKED = (*LAYERS, *BATCHNORMS)
+_MAX_RATIO = 0.95  # torch-pruning refuses to empty a layer; the search stays below
+
+
+def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: str = "channels",
+          importance: str | tp.importance.Importance = "gndi",
+          ignored_layers: str | Sequence[nn.Module | str] | None = "auto",
+          round_to: int | None = None, global_pruning: bool = False, iterative_steps: int = 1,
+          tolerance: float = 0.02, repair: Repair | dict[str, Any] | None = None,
+          inplace: bool = False, **run: Unpack[RunKwargs]) -> PruneResult:
+    """Prune ``model``'s channels with torch-pruning, ranking them by ``importance``.
+
+    Args:
+        model: any model torch-pruning can trace; never modified unless ``inplace=True``.
+        data: ``(x, y)`` batches: scoring for gndi / ablation / weight_taylor / hessian, the
+            means for ``compensate``, the BatchNorm statistics and the fine-tuning set.
+        sparsity: in (0, 1): the fraction of ``target`` to remove.
+        target: ``"channels"`` (torch-pruning's per-channel ratio), ``"params"`` or ``"macs"``
+            (the channel ratio is searched by bisection until the removed fraction is within
+            ``tolerance``, absolute, of ``sparsity``).
+        importance: ``"gndi"`` (:class:`GNDIImportance`), ``"ablation"``
+            (:class:`AblationImportance`), torch-pruning's ``"l1"``, ``"l2"``,
+            ``"weight_taylor"``, ``"hessian"``, ``"lamp"``, ``"bn"``, ``"fpgm"``,
+            ``"random"``, or any ``torch_pruning.importance.Importance`` (e.g.
+            ``GNDIImportance(data, readout="loss")``: used as it is). The named gndi /
+            ablation score the intervention that is applied: the ``"channel-mean"`` baseline
+            with ``compensate``, ``"zero"`` otherwise.
+        ignored_layers: ``"auto"`` (keep the width of the layers producing the model output:
+            the classifier), None, or modules / module names of ``model`` to keep.
+        round_to, global_pruning, iterative_steps: as torch-pruning's ``BasePruner``.
+        repair: a :class:`fxgndi.Repair` (or a dict of its fields): ``compensate`` (fold each
+            removed channel's mean input into its consumers' biases; exact for linear layers
+            and 1x1 or unpadded convs, the best constant behind a zero-padded conv),
+            ``recalibrate_bn`` (re-estimate BatchNorm statistics after pruning), ``finetune``
+            (``dict(epochs=..., lr=...)``). Default: none.
+        inplace: prune ``model`` itself.
+        **run: run options (:class:`fxgndi.RunOptions`): ``example_inputs`` (the batch to
+            trace with and count MACs on; default the first sample of ``data``),
+            ``max_batches`` (for scoring and means), ``seed`` (``"random"`` importance and
+            anything else random), ``progress`` (default False), ...
+
+    Channel shuffles (ShuffleNetV2), windowed attention (Swin V1 / V2), partition attention
+    (MaxViT) and ``nn.MultiheadAttention`` (ViT) are recognised from the model's modules and
+    handled by :mod:`fxgndi.pruning.architectures` (named in ``settings["architectures"]``).
+
+    Example:
+        >>> import torchvision
+        >>> from fxgndi.app.data import load_data
+        >>> model = torchvision.models.resnet18(num_classes=10)
+        >>> data = load_data("digits", split="train", limit=64)
+        >>> r = prune(model, data, sparsity=0.5, target="macs")
+        >>> print(r.table())  # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    opts = run_options("prune", run, progress=False)
+    fixes = as_repair(repair)
+    _check_arguments(sparsity, target, importance, iterative_steps, tolerance)
+    device = device_of(model)
+    example = example_input(data, opts.example_inputs, device)
+    plan = architectures.plan_for(model)
+    scorer = _make_importance(importance, data, fixes.compensate, opts, plan)
+    macs0, params0 = count_macs_params(model, example)
+    channels0 = _out_channels(model)
+    ignored_names = _ignored_names(model, ignored_layers, example)
+
+    def run_once(ratio: float, target_model: nn.Module | None = None
+                 ) -> tuple[nn.Module, tuple]:
+        work = target_model if target_model is not None else copy.deepcopy(model)
+        kept = _prune_once(work, data, example, scorer, ratio, global_pruning=global_pruning,
+                           iterative_steps=iterative_steps, round_to=round_to,
+                           ignored=[work.get_submodule(n) for n in ignored_names],
+                           compensate=fixes.compensate, max_batches=opts.max_batches,
+                           seed=opts.seed)
+        return work, kept
+
+    if target == "channels":
+        ratio = sparsity
+        pruned, kept = run_once(ratio, model if inplace else None)
+    else:
+        measure = _reduction_measure(target, macs0 if target == "macs" else params0, example)
+        ratio, (pruned, kept) = _search_ratio(run_once, measure, sparsity, tolerance, target)
+        if inplace:
+            pruned, kept = run_once(ratio, model)
+    repair_model(pruned, data, fixes, max_batches=opts.max_batches, progress=opts.progress)
+    macs1, params1 = count_macs_params(pruned, example)
+    channels1 = _out_channels(pruned)
+    settings = {"importance": importance if isinstance(importance, str)
+                else type(importance).__name__, "target": target, "sparsity": sparsity,
+                "global_pruning": global_pruning, "iterative_steps": iterative_steps,
+                "round_to": round_to, "repair": fixes.to_dict(),
+                "ignored_layers": ignored_names, "importance_options": {},
+                "architectures": plan.families}
+    if isinstance(scorer, GroupEffectImportance):
+        settings["importance_options"].update(baseline=scorer.baseline, readout=scorer.readout,
+                                              p=scorer.p)
+        settings["scoring_seconds"] = scorer.seconds
+    return PruneResult(model=pruned, macs_before=int(macs0), macs_after=int(macs1),
+                       params_before=int(params0), params_after=int(params1),
+                       settings=settings, seconds=time.perf_counter() - start,
+                       channels={n: (channels0[n], channels1.get(n, 0)) for n in channels0},
+                       kept=kept[0], kept_inputs=kept[1], pruning_ratio=ratio)
+
+
+def make_importance(name: str, data: Iterable | None = None, **options: Any
+                    ) -> tp.importance.Importance:
+    """A torch-pruning importance by name (see ``IMPORTANCES``); gndi / ablation need ``data``.
+
+    Example:
+        >>> type(make_importance("l1")).__name__
+        'GroupMagnitudeImportance'
+    """
+    check_choice("importance", name, IMPORTANCES)
+    if name in ("gndi", "ablation"):
+        if data is None:
+            raise ValueError(f"importance '{name}' scores on data: pass data=loader")
+        return (GNDIImportance if name == "gndi" else AblationImportance)(data, **options)
+    factories: dict[str, Callable[..., tp.importance.Importance]] = {
+        "l1": lambda **o: tp.importance.GroupMagnitudeImportance(p=1, **o),
+        "l2": lambda **o: tp.importance.GroupMagnitudeImportance(p=2, **o),
+        "weight_taylor": tp.importance.GroupTaylorImportance,
+        "hessian": tp.importance.GroupHessianImportance,
+        "lamp": tp.importance.LAMPImportance,
+        "bn": tp.importance.BNScaleImportance,
+        "fpgm": tp.importance.FPGMImportance,
+        "random": tp.importance.RandomImportance,
+    }
+    return factories[name](**options)
+
+
+def output_layers(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]
+                  ) -> list[str]:
+    """Names of the conv / linear layers whose outputs reach the model output through no other
+    conv / linear layer (the classifier). Found on the torch.fx graph; for an untraceable model,
+    the last conv / linear layer that runs.
+
+    Example:
+        >>> output_layers(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)),
+        ...               torch.zeros(1, 2))
+        ['2']
+    """
+    try:
+        gm = trace(model)
+    except UntraceableModelError:
+        return [_last_layer_run(model, example_inputs)]
+    output = next(n for n in analyze(gm).graph.nodes if n.op == "output")
+    return sorted(facts(output).layers)
+
+
+def _prune_once(model: nn.Module, data: Iterable, example: Any,
+                importance: tp.importance.Importance, ratio: float, *, global_pruning: bool,
+                iterative_steps: int, round_to: int | None, ignored: list[nn.Module],
+                compensate: bool, max_batches: int | None, seed: int
+                ) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """Prune ``model`` in place; returns the original indices of the kept outputs and inputs."""
+    checked = _CheckedImportance(importance)
+    tracker = _ChannelTracker(model)
+    plan = architectures.plan_for(model)
+    with eval_mode(model), torch.random.fork_rng(devices=_cuda(model)), \
+            torch.enable_grad():
+        torch.manual_seed(seed)
+        try:
+            with architectures.tracing(model, plan):
+                pruner = tp.pruner.BasePruner(
+                    model, example, importance=checked, global_pruning=global_pruning,
+                    pruning_ratio=ratio, iterative_steps=iterative_steps,
+                    ignored_layers=ignored, round_to=round_to, **plan.pruner_options())
+            pruner.ignored_layers.extend(
+                architectures.unprunable_layers(pruner.DG, pruner.root_module_types))
+        except Exception as exc:  # torch-pruning raises bare errors from deep inside
+            raise FxgndiError(
+                f"torch-pruning {tp.__version__} could not build the dependency graph of "
+                f"{type(model).__name__}: {type(exc).__name__}: {exc}. Fix: put the layers "
+                "around the unsupported operation (often a reshape, e.g. a channel shuffle) "
+                "in ignored_layers, or try another example_inputs size") from exc
+        for _ in range(iterative_steps):
+            _prepare_gradients(importance, model, data, max_batches)
+            means = consumer_input_means(model, data, max_batches=max_batches) \
+                if compensate else None
+            for group in pruner.step(interactive=True):
+                if means is not None:
+                    compensate_group(group, means)
+                tracker.update(group)
+                group.prune()
+            for p in model.parameters():
+                p.grad = None
+    for fix in plan.after:
+        fix(model)
+    return tracker.kept()
+
+
+class _CheckedImportance(tp.importance.Importance):
+    """Wraps an importance and checks each returned vector (torch-pruning does not)."""
+
+    def __init__(self, inner: tp.importance.Importance) -> None:
+        self.inner = inner
+
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        scores = self.inner(group)
+        check_importance_length(scores, group, type(self.inner).__name__)
+        return scores
+
+
+class _ChannelTracker:
+    """Original indices of the out-channels of each conv / linear / BatchNorm layer, and of the
+    inputs of each conv / linear layer, that are still there."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = {m: n for n, m in model.named_modules() if isinstance(m, _TRACKED)}
+        self.outputs = {m: list(range(out_width(m))) for m in self.names}
+        self.inputs = {m: list(range(in_width(m))) for m in self.names if isinstance(m, LAYERS)}
+
+    def update(self, group: Any) -> None:
+        dg = graph_of(group)
+        for item in group:
+            layer, handler = item.dep.target.module, item.dep.handler
+            gone = {int(i) for i in item.idxs}
+            if layer in self.outputs and prunes_outputs(dg, handler):
+                self.outputs[layer] = [c for k, c in enumerate(self.outputs[layer])
+                                       if k not in gone]
+            elif layer in self.inputs and prunes_inputs(dg, handler):
+                self.inputs[layer] = [c for k, c in enumerate(self.inputs[layer])
+                                      if k not in gone]
+
+    def kept(self) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        return ({self.names[m]: idx for m, idx in self.outputs.items()},
+                {self.names[m]: idx for m, idx in self.inputs.items()})
+
+
+def _prepare_gradients(importance: tp.importance.Importance, model: nn.Module, data: Iterable,
+                       max_batches: int | None) -> None:
+    """Taylor needs mean loss gradients, Hessian (OBD) mean squared per-sample gradients.
+
+    The squares are accumulated here: torch-pruning 1.6.0's ``accumulate_grad`` keys its
+    running sums by parameter but tests membership by name, so it keeps only the last sample.
+    """
+    if not isinstance(importance, (tp.importance.GroupTaylorImportance,
+                                   tp.importance.GroupHessianImportance)):
+        return
+    hessian = isinstance(importance, tp.importance.GroupHessianImportance)
+    params = [p for p in model.parameters() if p.requires_grad]
+    totals = [torch.zeros_like(p) for p in params]
+    count = 0
+    with eval_mode(model), torch.enable_grad():
+        for x, y in iter_batches(data, device=device_of(model), max_batches=max_batches,
+                                 need_labels=True, why=f"importance '{type(importance).__name__}'"):
+            pieces = [(x[i:i + 1], y[i:i + 1]) for i in range(len(x))] if hessian else [(x, y)]
+            for xs, ys in pieces:
+                grads = torch.autograd.grad(F.cross_entropy(model(xs), ys, reduction="sum"),
+                                            params, allow_unused=True)
+                for t, g in zip(totals, grads):
+                    if g is not None:
+                        t.add_(g.pow(2) if hessian else g)
+            count += len(x)
+    for p, t in zip(params, totals):
+        p.grad = t / count
+    if hessian:
+        importance.zero_grad()
+
+
+def _search_ratio(run: Callable[[float], tuple[nn.Module, tuple]],
+                  measure: Callable[[nn.Module], float], sparsity: float, tolerance: float,
+                  target: str) -> tuple[float, tuple[nn.Module, tuple]]:
+    """Bisection on the channel ratio until the removed fraction is within ``tolerance``."""
+    guess = min(_MAX_RATIO, 1 - math.sqrt(1 - sparsity))  # both scale with width squared
+    lo, hi, ratio = 0.0, _MAX_RATIO, guess
+    best: tuple[float, float, tuple[nn.Module, tuple]] | None = None
+    for _ in range(24):
+        outcome = run(ratio)
+        removed = measure(outcome[0])
+        if best is None or abs(removed - sparsity) < abs(best[1] - sparsity):
+            best = (ratio, removed, outcome)
+        if abs(removed - sparsity) <= tolerance:
+            return ratio, outcome
+        lo, hi = (ratio, hi) if removed < sparsity else (lo, ratio)
+        if hi - lo < 1e-4:
+            break
+        ratio = (lo + hi) / 2
+    assert best is not None
+    raise FxgndiError(
+        f"target {target}={sparsity} is unreachable within {tolerance}: the closest was "
+        f"{best[1]:.4f} of the {target} removed at channel ratio {best[0]:.4f}. Fix: ask for "
+        "a sparsity nearer that, pass tolerance=..., drop round_to, or ignore fewer layers")
+
+
+def _reduction_measure(target: str, before: float, example: Any
+                       ) -> Callable[[nn.Module], float]:
+    index = 0 if target == "macs" else 1
+    return lambda m: 1 - count_macs_params(m, example)[index] / before
+
+
+def _out_channels(model: nn.Module) -> dict[str, int]:
+    return {n: out_width(m) for n, m in model.named_modules() if isinstance(m, LAYERS)}
+
+
+def _ignored_names(model: nn.Module, spec: Any, example: Any) -> list[str]:
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        if spec != "auto":
+            raise ValueError(f"ignored_layers must be 'auto', None or a list of modules / names "
+                             f"of the model, not {spec!r}")
+        return output_layers(model, example)
+    names = {m: n for n, m in model.named_modules()}
+    out = []
+    for entry in spec:
+        if isinstance(entry, str):
+            model.get_submodule(entry)  # raises AttributeError naming the missing module
+            out.append(entry)
+        elif isinstance(entry, nn.Module) and entry in names:
+            out.append(names[entry])
+        else:
+            raise ValueError(f"ignored layer {entry!r} is not a module of this model: pass "
+                             "modules of the model being pruned, or their names")
+    return out
+
+
+def _last_layer_run(model: nn.Module, example: Any) -> str:
+    names = {m: n for n, m in model.named_modules()}
+    order: list[str] = []
+    handles = [m.register_forward_hook(lambda mod, a, o: order.append(names[mod]))
+               for m in model.modules() if isinstance(m, LAYERS)]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*example) if isinstance(example, (tuple, list)) else model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    if not order:
+        raise FxgndiError("the model has no conv or linear layer to prune")
+    return order[-1]
+
+
+def _make_importance(importance: Any, data: Iterable, compensate: bool, opts: Any,
+                     plan: architectures.ArchitecturePlan) -> tp.importance.Importance:
+    if isinstance(importance, tp.importance.Importance):
+        return importance
+    if importance in ("gndi", "ablation"):
+        return make_importance(importance, data,
+                               baseline="channel-mean" if compensate else "zero",
+                               consumers=plan.consumers, max_batches=opts.max_batches,
+                               progress=opts.progress, chunk_size=opts.chunk_size,
+                               leaf_modules=opts.leaf_modules)
+    return make_importance(importance)
+
+
+def _check_arguments(sparsity: float, target: str, importance: Any, steps: int,
+                     tolerance: float) -> None:
+    check_fraction("sparsity", sparsity, f", the fraction of {target} to remove (e.g. "
+                   "sparsity=0.5 removes half)")
+    check_choice("target", target, TARGETS)
+    if isinstance(importance, str):
+        check_choice("importance", importance, IMPORTANCES)
+    elif not isinstance(importance, tp.importance.Importance):
+        raise TypeError(f"importance must be a name or a torch_pruning.importance.Importance, "
+                        f"not {type(importance).__name__}")
+    if steps < 1:
+        raise ValueError(f"iterative_steps must be >= 1, not {steps}")
+    check_fraction("tolerance", tolerance)
+
+
+def _cuda(model: nn.Module) -> list[torch.device]:
+    device = device_of(model)
+    return [device] if device.type == "cuda" else []

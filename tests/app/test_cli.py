@@ -1,0 +1,84 @@
+"""The fxgndi command: wiring, JSON output, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import fxgndi
+from fxgndi.app.cli import main
+from fxgndi.app.data import load_data
+from fxgndi.app.models import load_model
+
+COMMON = ["--model", "resnet18", "--data", "digits", "--limit", "8", "--batch-size", "4",
+          "--quiet"]
+
+
+def test_sites_lists_the_selection(capsys):
+    assert main(["sites", *COMMON, "--sites", "block"]) == 0
+    out = capsys.readouterr().out
+    assert "layer1.0" in out and "layer4.1" in out and "conv1" not in out
+
+
+def test_score_json_matches_the_python_api(capsys):
+    assert main(["score", *COMMON, "--sites", "conv", "linear", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    torch.manual_seed(0)
+    model = load_model("resnet18", num_classes=10)
+    data = load_data("digits", limit=8, batch_size=4)
+    expected = fxgndi.score(model, data, sites=["conv", "linear"], progress=False)
+    np.testing.assert_allclose([u["value"] for u in printed["units"]], expected.values,
+                               rtol=1e-5)
+    assert printed["units"][0]["site"] == "conv1"
+
+
+def test_validate_prints_the_table(capsys):
+    code = main(["validate", *COMMON, "--sites", "layer4.*", "--truth", "logit_l2",
+                 "--importances", "gndi", "random", "--n-boot", "200"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| gndi" in out and "Spearman" in out
+
+
+def test_failure_is_one_line_with_exit_code_1(capsys):
+    assert main(["score", *COMMON, "--sites", "nothing*"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fxgndi: error: site selection 'nothing*' matched nothing")
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_usage_error_exits_2():
+    with pytest.raises(SystemExit) as exc:
+        main(["score", "--granularity", "neuron"])
+    assert exc.value.code == 2
+
+
+def test_help_lists_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "fxgndi validate --model digits-resnet18" in capsys.readouterr().out
+
+
+def test_prune_reports_reduction_and_accuracy(capsys):
+    code = main(["prune", *COMMON, "--sparsity", "0.3", "--importance", "l1", "--json"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert 0.2 < printed["pruning_ratio"] <= 0.35 and printed["macs_after"] < printed["macs_before"]
+    assert set(printed["accuracy"]) == {"before", "after"}
+
+
+def test_prune_rejects_a_sparsity_outside_0_1(capsys):
+    assert main(["prune", *COMMON, "--sparsity", "1.5"]) == 1
+    assert "sparsity" in capsys.readouterr().err
+
+
+def test_prune_round_to_keeps_widths_multiples_of_n(capsys):
+    assert main(["prune", *COMMON, "--sparsity", "0.3", "--importance", "l1", "--round-to", "8",
+                 "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    widths = [after for name, (before, after) in printed["channels"].items() if name != "fc"]
+    assert widths and all(w % 8 == 0 for w in widths)
+    assert any(before != after for before, after in printed["channels"].values())

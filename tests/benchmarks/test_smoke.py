@@ -1,0 +1,83 @@
+"""The benchmark scripts run end to end on a tiny configuration and their checks pass."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+from types import ModuleType
+
+import torch
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scoring_speed_runs_and_agrees(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    out = tmp_path / "speed.json"
+    rc = load("scoring_speed").main([
+        "--models", "resnet18", "--batch", "2", "--image-size", "32", "--repeat", "1",
+        "--channel-sample", "2", "--quiet", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert torch.get_num_threads() == threads  # main restores the caller's thread count
+    assert "PASS resnet18" in printed and "EXTRAPOLATED" in printed
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["sites"] == 21 and result["channels"] == 4810
+    assert result["layer_rel_err"] <= 1e-4 and result["channel_rel_err"] <= 1e-4
+    assert result["layer_speedup"] > 0 and result["channel_speedup"] > 0
+
+
+def test_hooked_jvp_matches_finite_difference():
+    """The independent reference: the hooked JVP equals (f(alpha = eps) - f(0)) / eps."""
+    bench = load("scoring_speed")
+    model = bench.build_model("resnet18", 32).double()
+    x = bench.make_input(2, 32).double()
+    fc = model.get_submodule("layer4.1.conv2")
+    tangent = bench.hooked_tangent(model, fc, x, torch.ones(2, dtype=torch.float64))
+    eps = 1e-6
+    with torch.no_grad():
+        handle = fc.register_forward_hook(lambda m, a, h: h - eps * h)
+        try:
+            shifted = model(x)
+        finally:
+            handle.remove()
+        finite = (shifted - model(x)) / eps
+    torch.testing.assert_close(tangent, finite, rtol=1e-4, atol=1e-6)
+
+
+def test_overhead_runs_and_outputs_are_identical(tmp_path, capsys):
+    out = tmp_path / "overhead.json"
+    rc = load("overhead").main([
+        "--models", "resnet18", "--batches", "2", "--image-size", "32", "--rounds", "2",
+        "--block", "0.02", "--quiet", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["equal_none"] and row["equal_zero"] and row["equal_traced"]
+    assert row["ops_graph_vs_traced"] == "same"  # no-alpha nodes dispatch nothing
+    assert row["model_ms"] > 0 and row["graph_ms"] > 0
+
+
+def test_depth_speed_part_runs(capsys, tmp_path):
+    threads = torch.get_num_threads()
+    rows = load("depth").main(["speed", "--models", "resnet18", "--size", "32", "--batch", "1",
+                               "--repeat", "1", "--sparsity", "0.2", "--threads", "1"])
+    assert torch.get_num_threads() == threads  # the caller's setting is restored
+    printed = capsys.readouterr().out
+    assert "latency gain per MAC removed" in printed
+    by_method = {r[1]: r for r in rows}
+    assert set(by_method) == {"dense", "depth (gndi)", "width (l1)"}
+    depth_cut, width_cut = by_method["depth (gndi)"][3], by_method["width (l1)"][3]
+    assert depth_cut >= 0.2 and abs(width_cut - depth_cut) < 0.03  # equal MACs, within 2%
+    fake = [(0, "dense", 0.9, None, 0.9, 0.0, ""), (1, "depth: x", 0.8, None, 0.85, 0.1, "b")]
+    load("depth").plot_accuracy(fake, tmp_path / "depth.png")
+    assert (tmp_path / "depth.png").stat().st_size > 0

@@ -1,0 +1,75 @@
+"""Shared test helpers: small models with fixed weights, and hook-based references that are
+independent of fxgndi (plain PyTorch)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+
+class TinyNet(nn.Module):
+    """conv -> bn -> relu -> residual block -> pool -> linear, small enough to check by hand."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.bn1(self.conv1(x)))
+        h = self.relu(h + self.bn2(self.conv2(h)))
+        return self.fc(self.pool(h).flatten(1))
+
+
+def randomize_batchnorm(model: nn.Module, *, mean: float = 0.5,
+                        var: tuple[float, float] = (0.5, 2.0),
+                        weight: tuple[float, float] | None = (0.5, 1.5),
+                        bias: tuple[float, float] | None = (-0.2, 0.2)) -> nn.Module:
+    """Give every BatchNorm uniform random statistics (running mean in [-mean, mean], running
+    variance in ``var``) and affines (``weight``, ``bias``; None keeps them), so that no channel
+    is silent and rankings have no ties. Returns the model in eval mode."""
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                bn.running_mean.uniform_(-mean, mean)
+                bn.running_var.uniform_(*var)
+                if weight is not None:
+                    bn.weight.uniform_(*weight)
+                if bias is not None:
+                    bn.bias.uniform_(*bias)
+    return model.eval()
+
+
+def make_tiny(dtype: torch.dtype = torch.float32) -> TinyNet:
+    """A TinyNet in eval mode with non-trivial BatchNorm statistics."""
+    torch.manual_seed(0)
+    return randomize_batchnorm(TinyNet().to(dtype))
+
+
+@contextlib.contextmanager
+def replace_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
+                   call: int = 0) -> Iterator[None]:
+    """Forward hook that replaces the output of ``module``'s ``call``-th call by ``fn(output)``.
+
+    Independent of fxgndi: this is how one ablates with plain PyTorch.
+    """
+    seen = {"n": 0}
+
+    def hook(mod, args, output):
+        k = seen["n"]
+        seen["n"] += 1
+        return fn(output) if k == call else output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,218 @@
+"""Pruning the torchvision families torch-pruning cannot prune alone (fxgndi.pruning.architectures).
+
+Small instances of each family are pruned with fxgndi.prune (G-NDI) and checked against
+independent computations: the pruned model's output against the original's with the removed
+channels zeroed by forward hooks, widths against the shapes the forward code reshapes to.
+"""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.models import maxvit, shufflenetv2, swin_transformer as swin
+from torchvision.models import vision_transformer
+
+from fxgndi.pruning import architectures
+from fxgndi.pruning.width import prune
+
+_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+def _data(size: int, n: int = 2, classes: int = 10) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,),
+                                                                       generator=g))]
+
+
+def _prune(model: nn.Module, size: int, importance: str = "gndi"):
+    data = _data(size)
+    return prune(model.eval(), data, example_inputs=data[0][0][:1], importance=importance), data
+
+
+def _zeroed_reference(model: nn.Module, kept_inputs: dict[str, list[int]], x: torch.Tensor
+                      ) -> torch.Tensor:
+    """The original model's output when every conv / linear layer reads 0 at the inputs that
+    pruning removed from it (forward pre-hooks)."""
+    handles = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, _LAYERS) or name not in kept_inputs:
+            continue
+        conv = isinstance(layer, nn.Conv2d)
+        mask = torch.zeros(layer.in_channels if conv else layer.in_features)
+        mask[kept_inputs[name]] = 1
+        mask = mask.view(1, -1, 1, 1) if conv else mask
+        handles.append(layer.register_forward_pre_hook(
+            lambda mod, args, mask=mask: (args[0] * mask,)))
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_shufflenet_prunes_inside_branches_and_equals_zeroing():
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    before = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    r, data = _prune(model, 64)
+    x = data[0][0]
+    assert r.settings["architectures"] == ["channel shuffle"]
+    assert r.macs_after < 0.7 * r.macs_before
+    pruned = dict(r.model.named_modules())
+    for name, block in model.named_modules():
+        if isinstance(block, shufflenetv2.InvertedResidual):
+            # the channels a shuffle interleaves stay whole; the branch's inner ones are pruned
+            assert pruned[f"{name}.branch2.5"].out_channels == before[f"{name}.branch2.5"]
+            assert pruned[f"{name}.branch2.0"].out_channels == before[f"{name}.branch2.0"] // 2
+    assert not any(isinstance(m, architectures.ChannelShuffle) for m in r.model.modules())
+    assert shufflenetv2.channel_shuffle.__name__ == "channel_shuffle"  # restored
+    with torch.no_grad():
+        out = r.model(x)
+    torch.testing.assert_close(out, _zeroed_reference(model, r.kept_inputs, x),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_vit_heads_and_hidden_dim_follow_the_pruned_stream():
+    model = vision_transformer.VisionTransformer(image_size=32, patch_size=8, num_layers=2,
+                                                 num_heads=2, hidden_dim=32, mlp_dim=64,
+                                                 num_classes=10)
+    r, data = _prune(model, 32)
+    vit = r.model
+    width = vit.conv_proj.out_channels
+    assert width == 16 and vit.hidden_dim == width
+    assert vit.class_token.shape[-1] == width and vit.encoder.pos_embedding.shape[-1] == width
+    for m in vit.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            assert (m.embed_dim, m.num_heads, m.head_dim) == (width, 2, width // 2)
+            assert m.in_proj_weight.shape == (3 * width, width)
+    assert r.macs_after < 0.5 * r.macs_before
+    assert r.model(data[0][0]).shape == (2, 10)
+
+
+def _tiny_swin(v2: bool) -> nn.Module:
+    return swin.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[1, 2, 1], num_heads=[2, 4, 4],
+        window_size=[2, 2], stochastic_depth_prob=0.0, num_classes=10,
+        block=swin.SwinTransformerBlockV2 if v2 else swin.SwinTransformerBlock,
+        downsample_layer=swin.PatchMergingV2 if v2 else swin.PatchMerging)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+def test_swin_attention_keeps_heads_and_tables(v2):
+    model = _tiny_swin(v2)
+    tables = {n: m.relative_position_bias_table.shape for n, m in model.named_modules()
+              if isinstance(m, swin.ShiftedWindowAttention) and not v2}
+    r, data = _prune(model, 32)
+    assert r.settings["architectures"] == ["windowed attention"]
+    assert r.macs_after < 0.5 * r.macs_before
+    modules = dict(r.model.named_modules())
+    for name, m in modules.items():
+        if isinstance(m, swin.ShiftedWindowAttention):
+            width = m.proj.out_features
+            assert m.qkv.weight.shape == (3 * width, width)
+            assert width % m.num_heads == 0 and width < model.get_submodule(name).proj.out_features
+            if name in tables:
+                assert m.relative_position_bias_table.shape == tables[name]
+        if isinstance(m, (swin.PatchMerging, swin.PatchMergingV2)):
+            assert m.reduction.in_features == 4 * m.dim
+    assert r.model(data[0][0]).shape == (2, 10)
+
+
+def test_maxvit_partition_attention_head_dim_matches_width():
+    model = torchvision.models.MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2,
+                                      block_channels=[16, 32], block_layers=[1, 1], head_dim=8,
+                                      stochastic_depth_prob=0.0, num_classes=10)
+    r, data = _prune(model, 32)
+    assert r.settings["architectures"] == ["partition attention"]
+    for m in r.model.modules():
+        if isinstance(m, maxvit.RelativePositionalMultiHeadAttention):
+            assert m.n_heads * m.head_dim == m.merge.in_features == m.to_qkv.in_features
+            assert m.head_dim == 4
+    assert r.macs_after < 0.5 * r.macs_before
+    assert r.model(data[0][0]).shape == (2, 10)
+
+
+def test_convnext_layer_scale_follows_its_block():
+    setting = [torchvision.models.convnext.CNBlockConfig(16, 32, 1),
+               torchvision.models.convnext.CNBlockConfig(32, None, 1)]
+    model = torchvision.models.ConvNeXt(setting, num_classes=10)
+    r, data = _prune(model, 32)
+    for name, m in r.model.named_modules():
+        if isinstance(m, torchvision.models.convnext.CNBlock):
+            width = model.get_submodule(name).block[0].out_channels
+            assert m.block[0].out_channels == width // 2
+            assert m.layer_scale.shape == (width // 2, 1, 1)
+    assert r.macs_after < 0.5 * r.macs_before
+    assert r.model(data[0][0]).shape == (2, 10)
+
+
+@pytest.mark.parametrize("cls", [swin.ShiftedWindowAttention, swin.ShiftedWindowAttentionV2],
+                         ids=["v1", "v2"])
+def test_window_attention_pruner_equals_zeroing_channels_and_head_dims(cls):
+    torch.manual_seed(0)
+    attn = cls(8, [2, 2], [1, 1], num_heads=2).eval()
+    pruned = cls(8, [2, 2], [1, 1], num_heads=2).eval()
+    pruned.load_state_dict(attn.state_dict())
+    gone = [1, 6]  # one dim of each head
+    architectures.WindowAttentionPruner().prune_out_channels(pruned, gone)
+    kept = [i for i in range(8) if i not in gone]
+    # Independently: zero the removed q / k / v dims of qkv, and the input channels (hook).
+    # Zero dims change neither q.k nor V2's cosine normalisation; V1's q scale stays (8/2)^-.5.
+    with torch.no_grad():
+        for k in range(3):
+            attn.qkv.weight[[k * 8 + i for i in gone]] = 0
+            attn.qkv.bias[[k * 8 + i for i in gone]] = 0
+    mask = torch.ones(8)
+    mask[gone] = 0
+    attn.register_forward_pre_hook(lambda mod, args: (args[0] * mask,))
+    x = torch.randn(2, 4, 4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x[..., kept]), attn(x)[..., kept])
+
+
+def test_multihead_attention_pruned_with_its_plan_equals_zeroing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True)).eval()
+    original = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    original.load_state_dict(model[0].state_dict())
+    plan = architectures.plan_for(model)
+    gone = [1, 6]  # one dim of each head
+    import torch_pruning as tp
+    tp.pruner.function.MultiheadAttentionPruner().prune_out_channels(model[0], gone)
+    for fix in plan.after:
+        fix(model)
+    kept = [i for i in range(8) if i not in gone]
+    with torch.no_grad():  # independently: zero the removed q / k / v dims and inputs
+        for k in range(3):
+            original.in_proj_weight[[k * 8 + i for i in gone]] = 0
+            original.in_proj_bias[[k * 8 + i for i in gone]] = 0
+        x = torch.randn(2, 5, 8)
+        x0 = x.clone()
+        x0[..., gone] = 0
+        expected = original(x0, x0, x0, need_weights=False)[0][..., kept]
+        got = model[0](x[..., kept], x[..., kept], x[..., kept], need_weights=False)[0]
+    torch.testing.assert_close(got, expected)
+
+
+def test_patch_merging_v2_input_pruning_equals_zeroing():
+    torch.manual_seed(0)
+    merging = swin.PatchMergingV2(4).eval()
+    pruned = swin.PatchMergingV2(4).eval()
+    pruned.load_state_dict(merging.state_dict())
+    architectures.PatchMergingPruner().prune_in_channels(pruned, [2])
+    x = torch.randn(1, 4, 4, 4)
+    zeroed = x.clone()
+    zeroed[..., 2] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x[..., [0, 1, 3]]), merging(zeroed))
+
+
+def test_prunability_sweep_row():
+    from benchmarks.prunability import run_one
+
+    row = run_one("shufflenet_v2_x0_5", "l1", 0.5, 1, 10, size=64)
+    assert row["traced"] and row["pruned"] and row["forward"], row.get("error")
+    assert row["macs_after"] < row["macs_before"]
