@@ -18,6 +18,8 @@ demo: $(STAMP)
 	$(VENV)/bin/fxgndi demo
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/python -m flake8 fxgndi tests benchmarks
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)

@@ -73,3 +73,39 @@ def replace_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]
         yield
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Attention kernels that forward-mode AD can go through on the CPU (plain PyTorch)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def hooked_gndi(model: nn.Module, module: nn.Module, batches, points=(0.0,)) -> float:
+    """G-NDI of zeroing ``module``'s output, computed with a forward hook and torch.func.jvp
+    only: the output becomes ``out * (1 - a)``; the tangent d logits / d a is averaged over the
+    path ``points`` (``(0.0,)``: first order), then its per-sample L2 norm is averaged over
+    every sample of ``batches``."""
+    norms = []
+    for x in batches:
+        tangents = []
+        for point in points:
+            def f(a, x=x):
+                handle = module.register_forward_hook(lambda m, args, out: out * (1 - a))
+                try:
+                    return model(x)
+                finally:
+                    handle.remove()
+            with math_attention():
+                _, t = torch.func.jvp(f, (torch.tensor(float(point)),), (torch.tensor(1.0),))
+            tangents.append(t)
+        norms.append(torch.stack(tangents).mean(0).norm(dim=-1))
+    return torch.cat(norms).mean().item()

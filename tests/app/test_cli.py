@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -82,3 +84,20 @@ def test_prune_round_to_keeps_widths_multiples_of_n(capsys):
     widths = [after for name, (before, after) in printed["channels"].items() if name != "fc"]
     assert widths and all(w % 8 == 0 for w in widths)
     assert any(before != after for before, after in printed["channels"].values())
+
+
+HEAVY = ("torch", "torchvision", "torch_pruning", "scipy", "sklearn", "matplotlib")
+
+
+@pytest.mark.parametrize("argv", [["--help"], *[[sub, "--help"] for sub in (
+    "demo", "sites", "score", "ablate", "prune", "prune-depth", "export", "bench", "validate")]])
+def test_help_imports_no_heavy_package(argv):
+    """`fxgndi --help` answers from argparse and the vocabulary alone (a fresh interpreter)."""
+    code = ("import sys\nfrom fxgndi.app.cli import main\ntry:\n    main(%r)\n"
+            "except SystemExit:\n    pass\n"
+            "print('LOADED', sorted({m.split('.')[0] for m in sys.modules} & set(%r)))"
+            % (argv, HEAVY))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert "usage: fxgndi" in out
+    assert out.strip().splitlines()[-1] == "LOADED []"

@@ -81,3 +81,9 @@ def test_depth_speed_part_runs(capsys, tmp_path):
     fake = [(0, "dense", 0.9, None, 0.9, 0.0, ""), (1, "depth: x", 0.8, None, 0.85, 0.1, "b")]
     load("depth").plot_accuracy(fake, tmp_path / "depth.png")
     assert (tmp_path / "depth.png").stat().st_size > 0
+
+
+def test_cli_startup_runs():
+    medians = load("cli_startup").main(["--repeat", "1"])
+    assert set(medians) >= {"fxgndi --help", 'python -c "import torch"'}
+    assert all(m > 0 for m in medians.values())

@@ -11,7 +11,7 @@ from scipy import stats
 import fxgndi
 from fxgndi.gndi.validate import producing_layer, spearman_ci, within_layer_spearman
 
-from tests.helpers import make_tiny
+from tests.helpers import make_tiny, replace_output
 
 
 @pytest.fixture
@@ -36,7 +36,16 @@ def test_layer_report_against_direct_computations(data):
     assert by_name["gndi"].spearman == pytest.approx(stats.spearmanr(gndi, truth.values)[0])
     assert by_name["gndi"].kendall == pytest.approx(stats.kendalltau(gndi, truth.values)[0])
     assert by_name["gndi"].pearson == pytest.approx(stats.pearsonr(gndi, truth.values)[0])
-    assert by_name["ablation"].spearman == pytest.approx(1.0)
+    # The truth itself, by hooks that zero each layer's output on the same data.
+    with torch.no_grad():
+        for i, layer in enumerate((model.conv1, model.conv2, model.fc)):
+            changes = []
+            for x, _ in data:
+                reference = model(x)
+                with replace_output(layer, torch.zeros_like):
+                    changes.append((model(x) - reference).norm(dim=-1))
+            assert report.truth.values[i] == pytest.approx(torch.cat(changes).mean().item(),
+                                                           rel=1e-5)
     assert all(r.seconds > 0 and r.forward_equivalents > 0 for r in report.results)
     assert "Spearman" in report.table() and "95% CI" in report.table()
 
@@ -52,7 +61,17 @@ def test_channel_report_samples_channels_and_maps_bn_sites_to_their_conv(data, t
     conv = {"bn1": model.conv1, "bn2": model.conv2}
     expected = [conv[s].weight[c].norm().item() for s, c in units]
     np.testing.assert_allclose(report.estimates["magnitude_l2"], expected, rtol=1e-5)
-    assert all(r.within_layer_spearman is not None for r in report.results)
+    sites = np.array([s for s, _ in units])
+    for r in report.results:  # the mean within-layer Spearman, by scipy
+        pred = report.estimates[r.importance]
+        rhos = [stats.spearmanr(pred[sites == s], report.truth.values[sites == s])[0]
+                for s in dict.fromkeys(sites) if (sites == s).sum() >= 3
+                and np.ptp(pred[sites == s]) > 0 and np.ptp(report.truth.values[sites == s]) > 0]
+        assert r.within_layer_groups == len(rhos)
+        if rhos:
+            assert r.within_layer_spearman == pytest.approx(np.mean(rhos))
+        else:
+            assert np.isnan(r.within_layer_spearman)
     report.plot(tmp_path / "v.png")
     assert (tmp_path / "v.png").stat().st_size > 1000
     assert report.to_dict()["settings"]["baseline"] == "channel-mean"
