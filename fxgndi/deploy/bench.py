@@ -183,7 +183,7 @@ def bench(models: Mapping[str, Any], *, input_shape: Sequence[int],
                 "threads": threads if threads is not None else torch.get_num_threads(),
                 "warmup": warmup, "repeat": repeat, "memory": _memory_method(dev),
                 "torch": torch.__version__}
-    return BenchReport(rows, settings)
+    return BenchReport(rows=rows, settings=settings)
 
 
 @dataclass
@@ -275,7 +275,8 @@ def _session_runner(session: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _measure(entry: _Entry, x: torch.Tensor, device: torch.device, warmup: int,
              repeat: int) -> BenchRow:
-    row = BenchRow(entry.name, entry.kind, len(x), macs=entry.macs, params=entry.params)
+    row = BenchRow(name=entry.name, kind=entry.kind, batch=len(x), macs=entry.macs,
+                   params=entry.params)
     if entry.run is None:
         row.status = f"unavailable: {entry.error}"
         return row

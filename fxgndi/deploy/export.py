@@ -145,7 +145,8 @@ def export(model: nn.Module, path: str | os.PathLike, *,
             with torch.no_grad():
                 diff = _check(tmp, fmt, model, inputs, expected)
             size = os.path.getsize(tmp)
-    return ExportResult(path, fmt, diff, size, time.perf_counter() - start)
+    return ExportResult(path=path, format=fmt, max_abs_diff=diff, bytes=size,
+                        seconds=time.perf_counter() - start)
 
 
 def load(path: str | os.PathLike, *, model: nn.Module | None = None, format: str | None = None,

@@ -60,7 +60,8 @@ class Intervention(nn.Module):
             return h
         a = alpha.reshape(self.alpha_view(h.dim(), alpha.shape))
         # h * (1 - a) and lerp make no activation-sized temporary (h - a * h makes one, and its
-        # page faults cost up to +50% on mobilenet_v2); both return h exactly at a = 0.
+        # page faults are a measurable cost, README "node overhead"); both return h exactly at
+        # a = 0.
         if self.baseline is None:
             return h * (1 - a)
         return torch.lerp(h, self.baseline.expand_as(h), a)
