@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fxgndi.core.errors import DataError, NonFiniteError
+from fxgndi.core.checks import check_finite
+from fxgndi.core.errors import DataError
 from fxgndi.core.runtime import device_of, eval_mode, on_device
 from fxgndi.core.streams import iter_batches
 
@@ -91,10 +92,9 @@ def train_classifier(model: nn.Module, loader: Iterable[Any], *, epochs: int,
         for epoch in range(epochs):
             for x, y in iter_batches(loader, device=dev, need_labels=True, why="training"):
                 loss = loss_fn(model(x), y)
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(
-                        f"training loss became {loss.item()} in epoch {epoch + 1}; "
-                        f"lower the learning rate (lr={lr}) or check the inputs for NaN/Inf")
+                check_finite(loss, f"the training loss in epoch {epoch + 1}",
+                             fix=f"lower the learning rate (lr={lr}) or check the inputs for "
+                                 "NaN/Inf")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fxgndi.core.errors import DataError, NonFiniteError, SiteSelectionError
+from fxgndi.core.checks import check_finite as check_finite_values
+from fxgndi.core.errors import DataError, SiteSelectionError
 from fxgndi.core.runtime import device_of, eval_mode, on_device  # noqa: F401  (re-exported)
 from fxgndi.core.streams import iter_batches
 
@@ -161,10 +162,9 @@ def check_finite(method: str, scores: Scores) -> Scores:
         [1.0, 1.0]
     """
     for name, s in scores.items():
-        if not np.all(np.isfinite(s)):
-            raise NonFiniteError(
-                f"{method}: non-finite scores for layer {name!r} (NaN/Inf in activations or "
-                "gradients); check the model and data for NaNs or reduce the input scale")
+        check_finite_values(s, f"the {method} scores of layer {name!r}",
+                            fix="NaN/Inf in activations or gradients: check the model and data "
+                                "for NaNs or reduce the input scale")
     return scores
 
 
