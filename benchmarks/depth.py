@@ -62,28 +62,30 @@ def accuracy(args: argparse.Namespace) -> list[tuple]:
         reached = None
         for label, criterion, baseline, steps in DEPTH_RUNS:
             r = prune_depth(model, scoring, n_blocks=k, importance=criterion, baseline=baseline,
-                            steps=steps)
+                            steps=steps, repair=False)
             as_pruned, recal = accuracies(r.model)
             rows.append((k, label, as_pruned, None, recal, r.macs_reduction,
                          " ".join(r.removed)))
             reached = r.macs_reduction
-        random_runs = [prune_depth(model, scoring, n_blocks=k, importance="random", seed=s)
-                       for s in range(args.random_seeds)]
+        random_runs = [prune_depth(model, scoring, n_blocks=k, importance="random", seed=s,
+                                   repair=False) for s in range(args.random_seeds)]
         accs = [accuracies(r.model) for r in random_runs]
         rows.append((k, f"depth: random order ({args.random_seeds} seeds)",
                      statistics.mean(a for a, _ in accs), statistics.pstdev(a for a, _ in accs),
                      statistics.mean(b for _, b in accs),
                      statistics.mean(r.macs_reduction for r in random_runs), ""))
         for label, importance in (("width: gndi", "gndi"), ("width: l1", "l1")):
-            r = prune(model, scoring, target="macs", sparsity=reached, importance=importance)
+            r = prune(model, scoring, target="macs", sparsity=reached, importance=importance,
+                      repair=False)
             as_pruned, recal = accuracies(r.model)
             rows.append((k, label, as_pruned, None, recal, r.macs_reduction, ""))
         if k > 1:
             _, criterion, baseline, steps = BOTH
             first = prune_depth(model, scoring, n_blocks=1, importance=criterion,
-                                baseline=baseline, steps=steps)
+                                baseline=baseline, steps=steps, repair=False)
             rest = 1 - (1 - reached) / (1 - first.macs_reduction)
-            r = prune(first.model, scoring, target="macs", sparsity=rest, importance="gndi")
+            r = prune(first.model, scoring, target="macs", sparsity=rest, importance="gndi",
+                      repair=False)
             as_pruned, recal = accuracies(r.model)
             rows.append((k, "both: 1 block (gndi path) + width gndi", as_pruned, None, recal,
                          1 - r.macs_after / first.macs_before, " ".join(first.removed)))
@@ -140,10 +142,12 @@ def _speed_rows(args: argparse.Namespace) -> list[tuple]:
         example = data[0][:1]
         try:
             depth = prune_depth(model, data, target="macs", sparsity=args.sparsity,
-                                importance=args.importance, max_memory=args.max_memory)
+                                importance=args.importance, max_memory=args.max_memory,
+                                repair=False)
             pruned = {f"depth ({args.importance})": depth}
             pruned["width (l1)"] = prune(model, data, target="macs",
-                                         sparsity=depth.macs_reduction, importance="l1")
+                                         sparsity=depth.macs_reduction, importance="l1",
+                                         repair=False)
         except Exception as exc:  # report and go on with the next model
             rows.append((name, "error", f"{type(exc).__name__}: {exc}"[:120], "", "", "", ""))
             continue

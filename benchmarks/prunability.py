@@ -86,7 +86,7 @@ def run_one(name: str, importance: str, sparsity: float, batch: int, num_classes
         row["traced"] = True
         stage = "prune"
         result = prune(model, [(x, y)], example_inputs=x[:1], sparsity=sparsity,
-                       importance=importance)
+                       importance=importance, repair=False)
         row.update(scored=True, pruned=True, macs_before=result.macs_before,
                    macs_after=result.macs_after,
                    params_before=result.params_before, params_after=result.params_after,

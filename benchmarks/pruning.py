@@ -107,7 +107,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         for factor in args.points:
             start = time.perf_counter()
             r = prune(model, score_data, sparsity=1 - 1 / factor, target="macs",
-                      importance=scorer, repair={"compensate": criterion.compensate},
+                      importance=scorer,
+                      repair={"compensate": criterion.compensate, "reconstruct": False,
+                              "recalibrate_bn": False},
                       global_pruning=args.global_pruning)
             seconds = time.perf_counter() - start
             row = {"criterion": name, "reduction": factor,

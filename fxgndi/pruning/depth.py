@@ -93,7 +93,7 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
                 target: str | None = None, sparsity: float | None = None,
                 importance: str = "gndi", baseline: str = "zero", greedy: bool = True,
                 readout: str = "logits", steps: int = 4, metric: str = "logit_l2",
-                repair: Repair | dict[str, Any] | None = None, inplace: bool = False,
+                repair: Repair | dict[str, Any] | bool = True, inplace: bool = False,
                 **run: Unpack[RunKwargs]) -> DepthPruneResult:
     """Remove the ``n_blocks`` least important residual branches, or as many as it takes to cut
     ``sparsity`` of the ``target`` (MACs, parameters or measured latency).
@@ -116,11 +116,13 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
             (1 = the paper's first-order estimate). Removing a whole branch is a large
             intervention, where first order ranks poorly (README, layer-level validity); with
             a few dozen blocks at most, m = 4 costs 4 JVPs per block and batch.
-        repair: a :class:`fxgndi.Repair` (or a dict): ``recalibrate_bn`` (re-estimate every
-            BatchNorm's statistics: the layers after a removed branch see other statistics
-            than they were trained on), ``finetune`` (``dict(epochs=..., lr=...)``; with
-            ``inplace=True`` it changes the model's weights). ``compensate`` is the
-            ``"channel-mean"`` baseline here.
+        repair: True (default: :class:`fxgndi.Repair`'s defaults), False (none), a
+            :class:`fxgndi.Repair` or a dict of its fields: ``recalibrate_bn`` (re-estimate
+            every BatchNorm's statistics: the layers after a removed branch see other
+            statistics than they were trained on), ``finetune`` (``dict(epochs=..., lr=...)``;
+            with ``inplace=True`` it changes the model's weights). ``compensate`` is the
+            ``"channel-mean"`` baseline here; ``reconstruct`` refits nothing (no layer loses
+            input channels). ``settings["repair_ran"]`` says what ran.
         inplace: share the model's parameters with the result instead of copying them.
         **run: run options (:class:`fxgndi.RunOptions`): ``example_inputs``, ``max_batches``,
             ``max_memory`` (the scoring's budget, e.g. ``"4GB"``: path integration over many
@@ -182,13 +184,13 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
         if target == "latency":
             step["latency_reduction"] = measure(gm)
         history.append(step)
-    repair_model(gm, data, fixes, max_batches=opts.max_batches, progress=opts.progress)
+    ran = repair_model(gm, data, fixes, max_batches=opts.max_batches, progress=opts.progress)
     macs1, params1 = count_macs_params(gm, example)
     latency1 = measure.seconds(gm) if target == "latency" else float("nan")
     settings = {"importance": importance, "baseline": baseline, "greedy": greedy,
                 "n_blocks": n_blocks, "target": target, "sparsity": sparsity,
                 "readout": readout, "steps": steps, "metric": metric,
-                "repair": fixes.to_dict()}
+                "repair": fixes.to_dict(), "repair_ran": ran}
     return DepthPruneResult(model=gm, macs_before=int(macs0), macs_after=int(macs1),
                             params_before=int(params0), params_after=int(params1),
                             settings=settings, seconds=time.perf_counter() - start,

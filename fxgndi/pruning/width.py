@@ -48,7 +48,7 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
           importance: str | tp.importance.Importance = "gndi",
           ignored_layers: str | Sequence[nn.Module | str] | None = "auto",
           round_to: int | None = None, global_pruning: bool = False, iterative_steps: int = 1,
-          tolerance: float = 0.02, repair: Repair | dict[str, Any] | None = None,
+          tolerance: float = 0.02, repair: Repair | dict[str, Any] | bool = True,
           inplace: bool = False, **run: Unpack[RunKwargs]) -> PruneResult:
     """Prune ``model``'s channels with torch-pruning, ranking them by ``importance``.
 
@@ -70,11 +70,12 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
         ignored_layers: ``"auto"`` (keep the width of the layers producing the model output:
             the classifier), None, or modules / module names of ``model`` to keep.
         round_to, global_pruning, iterative_steps: as torch-pruning's ``BasePruner``.
-        repair: a :class:`fxgndi.Repair` (or a dict of its fields): ``compensate`` (fold each
-            removed channel's mean input into its consumers' biases; exact for linear layers
-            and 1x1 or unpadded convs, the best constant behind a zero-padded conv),
-            ``recalibrate_bn`` (re-estimate BatchNorm statistics after pruning), ``finetune``
-            (``dict(epochs=..., lr=...)``). Default: none.
+        repair: what is done after removal so the pruned model computes what the dense one
+            did: True (default: :class:`fxgndi.Repair`'s defaults, least-squares refits of the
+            consumers on ``data`` then BatchNorm recalibration), False (nothing: the model as
+            torch-pruning leaves it), a :class:`fxgndi.Repair`, or a dict of its fields
+            (``reconstruct``, ``recalibrate_bn``, ``compensate``, ``finetune``, ``ridge``).
+            ``settings["repair_ran"]`` says what ran.
         inplace: prune ``model`` itself.
         **run: run options (:class:`fxgndi.RunOptions`): ``example_inputs`` (the batch to
             trace with and count MACs on; default the first sample of ``data``),
@@ -115,6 +116,8 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
                            seed=opts.seed)
         return work, kept
 
+    # The least-squares repair fits the pruned layers to the dense ones: keep the dense model.
+    dense = copy.deepcopy(model) if fixes.reconstruct and inplace else model
     if target == "channels":
         ratio = sparsity
         pruned, kept = run_once(ratio, model if inplace else None)
@@ -123,13 +126,15 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
         ratio, (pruned, kept) = _search_ratio(run_once, measure, sparsity, tolerance, target)
         if inplace:
             pruned, kept = run_once(ratio, model)
-    repair_model(pruned, data, fixes, max_batches=opts.max_batches, progress=opts.progress)
+    ran = repair_model(pruned, data, fixes, dense=dense, kept_outputs=kept[0],
+                       max_batches=opts.max_batches, max_memory=opts.max_memory,
+                       progress=opts.progress)
     macs1, params1 = count_macs_params(pruned, example)
     channels1 = _out_channels(pruned)
     settings = {"importance": importance if isinstance(importance, str)
                 else type(importance).__name__, "target": target, "sparsity": sparsity,
                 "global_pruning": global_pruning, "iterative_steps": iterative_steps,
-                "round_to": round_to, "repair": fixes.to_dict(),
+                "round_to": round_to, "repair": fixes.to_dict(), "repair_ran": ran,
                 "ignored_layers": ignored_names, "importance_options": {},
                 "architectures": plan.families}
     if isinstance(scorer, GroupEffectImportance):
