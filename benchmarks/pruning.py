@@ -1,19 +1,25 @@
-"""Top-1 accuracy after pruning to 1.5x, 2x and 3x fewer MACs, per criterion: G-NDI, exact
-ablation and every torch-pruning built-in, at the same MACs; no fine-tuning, no fine-tuning
-with BatchNorm statistics re-estimated, and after fine-tuning.
+"""Top-1 accuracy after pruning to 1.5x, 2x, 3x and 4x fewer MACs, per criterion: G-NDI, exact
+ablation and every torch-pruning built-in, at the same MACs; as pruned, with BatchNorm
+statistics re-estimated, with fxgndi's default repair (least-squares refits of the consumers,
+then BatchNorm recalibration), and after fine-tuning the repaired model.
 
     python benchmarks/pruning.py                    # digits ResNet-18, all criteria, the plot
+    python benchmarks/pruning.py --model digits-mobilenet_v2 --plot docs/pruning_mobilenet.png
     python benchmarks/pruning.py --criteria gndi-zero l1 --points 2 --finetune-epochs 0
     python benchmarks/pruning.py --global --normalizer mean    # global ranking, one normaliser
     python benchmarks/pruning.py --data cifar10:~/data --model resnet18 --checkpoint c.pt
 
 Every criterion prunes a copy of the same model with ``fxgndi.prune(target="macs")`` (the
 channel ratio is searched until the MACs removed are within 2% of the point), under the same
-ranking scope (per-group local ratio, or ``--global``). Three accuracies per pruned model:
-``acc`` as pruned; ``acc BN-recal``: the same model after
+ranking scope (per-group local ratio, or ``--global``), and is pruned once; four accuracies
+per pruned model: ``acc`` as pruned (``repair=False``); ``acc BN-recal``: a copy after
 :func:`fxgndi.pruning.recalibrate.recalibrate_bn` on the scoring samples (running statistics
-only, no weight changes); ``acc FT``: the pruned model (without recalibration) after
-``--finetune-epochs`` of :func:`fxgndi.pruning.finetune.train_classifier` on the whole train split.
+only, no weight changes); ``acc repair``: a copy after fxgndi's default repair on the scoring
+samples (:func:`fxgndi.pruning.repair.repair_model` with ``Repair()``: what ``fxgndi.prune``
+returns by default); ``acc FT``: the repaired copy after ``--finetune-epochs`` of
+:func:`fxgndi.pruning.finetune.train_classifier` on the whole train split. ``score s`` is the
+time the importance spent scoring (G-NDI scores the dense model once, at the first point),
+``repair s`` the repair's.
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ from fxgndi.pruning.importance import AblationImportance, GNDIImportance
 from fxgndi.app.models import load_model
 from fxgndi.pruning.width import make_importance, prune
 from fxgndi.pruning.recalibrate import recalibrate_bn
+from fxgndi.pruning.repair import Repair, repair_model
 from fxgndi.core.report import format_table, pyplot, save_figure
-from fxgndi.app.zoo import digits_resnet18
+from fxgndi.app.zoo import digits_model
 from fxgndi.pruning.finetune import evaluate, train_classifier
 
 
@@ -72,8 +79,8 @@ Notes on torch-pruning {version}'s built-ins, run as shipped (their own default 
 
 
 def build_model(args: argparse.Namespace) -> nn.Module:
-    if args.model == "digits-resnet18":
-        return digits_resnet18(progress=False)
+    if args.model.startswith("digits-"):
+        return digits_model(args.model[len("digits-"):], progress=False)
     return load_model(args.model, num_classes=num_classes(args.data),
                       checkpoint=args.checkpoint)
 
@@ -106,6 +113,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         scorer = make_scorer(name, criterion, score_data, args)
         for factor in args.points:
             start = time.perf_counter()
+            scored = getattr(scorer, "seconds", float("nan"))
             r = prune(model, score_data, sparsity=1 - 1 / factor, target="macs",
                       importance=scorer,
                       repair={"compensate": criterion.compensate, "reconstruct": False,
@@ -116,23 +124,29 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                    "macs_kept": r.macs_after / r.macs_before,
                    "params_kept": r.params_after / r.params_before,
                    "channel_ratio": r.pruning_ratio, "seconds": seconds,
+                   "score_seconds": getattr(scorer, "seconds", float("nan")) - scored,
                    "acc": evaluate(r.model, test)["accuracy"]}
             recalibrated = copy.deepcopy(r.model)
             recalibrate_bn(recalibrated, score_data)
             row["acc_recal"] = evaluate(recalibrated, test)["accuracy"]
+            repaired = copy.deepcopy(r.model)
+            ran = repair_model(repaired, score_data, Repair(), dense=model, kept_outputs=r.kept)
+            row["repair_seconds"] = sum(ran["seconds"].values())
+            row["acc_repair"] = evaluate(repaired, test)["accuracy"]
             row["acc_ft"] = float("nan")
             if args.finetune_epochs:
                 # a fresh loader each time: every criterion fine-tunes on the same batch order
                 train = load_data(args.data, split="train", batch_size=64, seed=0,
                                   limit=args.train_limit, image_size=args.image_size)
-                train_classifier(r.model, train, epochs=args.finetune_epochs, lr=args.lr,
+                train_classifier(repaired, train, epochs=args.finetune_epochs, lr=args.lr,
                                  progress=False)
-                row["acc_ft"] = evaluate(r.model, test)["accuracy"]
+                row["acc_ft"] = evaluate(repaired, test)["accuracy"]
             rows.append(row)
             if not args.quiet:
                 print(f"{name:16s} {factor:g}x: acc {row['acc']:.3f} BN-recal "
-                      f"{row['acc_recal']:.3f} FT {row['acc_ft']:.3f} ({seconds:.0f} s)",
-                      flush=True)
+                      f"{row['acc_recal']:.3f} repair {row['acc_repair']:.3f} FT "
+                      f"{row['acc_ft']:.3f} (prune {seconds:.0f} s, repair "
+                      f"{row['repair_seconds']:.0f} s)", flush=True)
     return rows, dense
 
 
@@ -140,7 +154,7 @@ def verdict(rows: list[dict[str, Any]], key: str, gndi: str = "gndi-zero") -> li
     """Per point: the G-NDI criterion's accuracy against the best torch-pruning built-in's."""
     out = []
     for factor in sorted({r["reduction"] for r in rows}):
-        at = {r["criterion"]: r[key] for r in rows if r["reduction"] == factor}
+        at = {r["criterion"]: r.get(key, float("nan")) for r in rows if r["reduction"] == factor}
         builtins = {n: a for n, a in at.items() if n in TP_BUILTINS}
         if gndi not in at or not builtins:
             continue
@@ -152,9 +166,10 @@ def verdict(rows: list[dict[str, Any]], key: str, gndi: str = "gndi-zero") -> li
 
 def plot(rows: list[dict[str, Any]], dense: float, path: str, title: str) -> None:
     plt = pyplot()
-    panels = [("acc", "no fine-tuning"), ("acc_recal", "no fine-tuning, BN recalibrated"),
-              ("acc_ft", "fine-tuned")]
-    panels = [p for p in panels if any(r[p[0]] == r[p[0]] for r in rows)]  # drop all-NaN
+    panels = [("acc", "as pruned"), ("acc_recal", "BN recalibrated"),
+              ("acc_repair", "repaired (fxgndi default)"), ("acc_ft", "repaired + fine-tuned")]
+    panels = [p for p in panels if any(r.get(p[0], float("nan")) == r.get(p[0], float("nan"))
+                                       for r in rows)]  # drop all-NaN
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), sharey=True,
                              squeeze=False)
     names = list(dict.fromkeys(r["criterion"] for r in rows))
@@ -190,11 +205,14 @@ def report(rows: list[dict[str, Any]], dense: dict[str, Any], s: dict[str, Any],
             f"{s['finetune_epochs']} epoch(s) at lr {s['lr']:g}")
     print(head)
     print(format_table([(r["criterion"], f"{r['reduction']:g}x", r["macs_kept"], r["acc"],
-                         r["acc_recal"], r["acc_ft"], r["channel_ratio"], r["seconds"])
+                         r["acc_recal"], r.get("acc_repair"), r["acc_ft"],
+                         r.get("score_seconds"), r.get("repair_seconds"), r["seconds"])
                         for r in rows],
-                       ["criterion", "MAC red.", "MACs kept", "acc", "acc BN-recal", "acc FT",
-                        "channel ratio", "prune s"], floatfmt=".3f"))
-    for key, label in (("acc", "no fine-tuning"), ("acc_recal", "no fine-tuning, BN-recal")):
+                       ["criterion", "MAC red.", "MACs kept", "acc", "acc BN-recal",
+                        "acc repair", "acc FT", "score s", "repair s", "prune s"],
+                       floatfmt=".3f"))
+    for key, label in (("acc", "as pruned"), ("acc_recal", "BN-recal"),
+                       ("acc_repair", "repaired (default)"), ("acc_ft", "repaired + FT")):
         table = verdict(rows, key)
         if table:
             print(f"\ngndi-zero against the best torch-pruning built-in, {label}:")
@@ -213,11 +231,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="digits", help="data spec (fxgndi.app.data.load_data)")
     parser.add_argument("--model", default="digits-resnet18",
-                        help="digits-resnet18, or a torchvision name with --checkpoint")
+                        help="digits-resnet18, digits-mobilenet_v2, or a torchvision name with "
+                             "--checkpoint")
     parser.add_argument("--checkpoint", default=None, help="state dict for --model")
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=list(CRITERIA))
-    parser.add_argument("--points", nargs="+", type=float, default=[1.5, 2.0, 3.0],
+    parser.add_argument("--points", nargs="+", type=float, default=[1.5, 2.0, 3.0, 4.0],
                         help="MAC reduction factors (2 = half the MACs)")
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak lr")

@@ -20,7 +20,7 @@ def test_runs_at_the_requested_macs_and_writes_table_figure_and_json(tmp_path, c
     assert [r["criterion"] for r in rows] == ["gndi-zero", "l1"]
     for r in rows:
         assert abs(r["macs_kept"] - 0.5) <= 0.02  # prune's tolerance around the 2x point
-        for key in ("acc", "acc_recal", "acc_ft"):
+        for key in ("acc", "acc_recal", "acc_repair", "acc_ft"):
             assert 0 <= r[key] <= 1 and r[key] * 64 == round(r[key] * 64)  # a count of 64
     assert "gndi-zero against the best torch-pruning built-in" in printed
     assert "taylor: |w * dL/dw|" in printed  # the notes on the built-ins
@@ -29,7 +29,7 @@ def test_runs_at_the_requested_macs_and_writes_table_figure_and_json(tmp_path, c
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["dense"]["n"] == 64
     again = bench.main(["--from-json", str(out), str(out), "--plot", ""])  # runs nothing
     assert json.dumps(again) == json.dumps(rows + rows)
-    assert capsys.readouterr().out.count("gndi-zero against the best") == 2
+    assert capsys.readouterr().out.count("gndi-zero against the best") == 4  # one per column
 
 
 def test_verdict_compares_gndi_with_the_best_builtin_per_point():
