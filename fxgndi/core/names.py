@@ -20,7 +20,7 @@ Example:
 GRANULARITIES = ("layer", "channel")
 SITE_KINDS = ("conv", "linear", "bn", "norm", "act", "block")
 BASELINES = ("zero", "mean", "channel-mean")
-READOUTS = ("logits", "probs", "loss", "margin")
+READOUTS = ("logits", "probs", "loss", "margin", "outputs")
 MODES = ("auto", "reverse", "forward", "probe")
 METRICS = ("accuracy", "loss", "logit_l2", "kl")
 

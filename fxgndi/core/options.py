@@ -33,6 +33,9 @@ class RunOptions:
             (``{"return_features": False}``), fixed while tracing.
         example_inputs: the input batch (a tensor or a tuple of tensors) the model is traced
             with and its costs counted on; default: the first sample of the data.
+        output: which tensor of the model's output is read: a key, index, attribute or
+            callable (default: the tensor itself, a dict's "logits" or "out", a tuple's first;
+            :func:`fxgndi.core.outputs.select_output`).
 
     Example:
         >>> RunOptions(max_memory="1GiB").max_memory
@@ -51,6 +54,7 @@ class RunOptions:
     leaf_modules: tuple = field(default_factory=tuple)
     concrete_args: dict[str, Any] | None = None
     example_inputs: Any = None
+    output: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_memory", parse_bytes(self.max_memory))
@@ -90,6 +94,7 @@ class RunKwargs(TypedDict, total=False):
     leaf_modules: tuple
     concrete_args: dict[str, Any] | None
     example_inputs: Any
+    output: Any
 
 
 RUN_OPTION_NAMES = tuple(f.name for f in fields(RunOptions))

@@ -24,6 +24,7 @@ from fxgndi.core.checks import check_choice
 from fxgndi.core.errors import SiteSelectionError
 from fxgndi.core.moments import RunningMean
 from fxgndi.core.names import BASELINES, GRANULARITIES
+from fxgndi.core.outputs import OutputSpec, select_output
 from fxgndi.core.report import format_table
 from fxgndi.core.runtime import eval_mode
 from fxgndi.core.streams import iter_batches
@@ -92,10 +93,11 @@ class InterventionGraph(nn.Module):
     """
 
     def __init__(self, gm: fx.GraphModule, sites: list[Site], granularity: str,
-                 model: nn.Module) -> None:
+                 model: nn.Module, output: OutputSpec = None) -> None:
         super().__init__()
         self.gm = gm
         self.granularity = granularity
+        self.output = output  # which tensor of the model's output the graph returns
         self._sites = sites
         self._index = {s.name: i for i, s in enumerate(sites)}
         self.baseline = "zero"  # the name of the baseline it was given, or "custom"
@@ -126,7 +128,7 @@ class InterventionGraph(nn.Module):
         kwargs = {}
         for name, alpha in (alphas or {}).items():
             kwargs[f"{_ALPHA_PREFIX}{self._index_of(name)}"] = alpha
-        return self.gm(*inputs, **kwargs)
+        return select_output(self.gm(*inputs, **kwargs), self.output)
 
     def set_baseline(self, name: str, value: torch.Tensor | None) -> None:
         """Set one site's baseline (None = zero)."""
@@ -206,7 +208,7 @@ def intervene(model: nn.Module, sites: SiteSpec = "conv", *, granularity: str = 
               baseline: Any = "zero", data: Iterable | None = None,
               example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
               leaf_modules: Iterable[str | type] = (),
-              concrete_args: dict[str, Any] | None = None,
+              concrete_args: dict[str, Any] | None = None, output: OutputSpec = None,
               progress: bool = False) -> InterventionGraph:
     """Trace ``model`` and insert ``h + alpha * (b - h)`` after every selected site.
 
@@ -219,6 +221,9 @@ def intervene(model: nn.Module, sites: SiteSpec = "conv", *, granularity: str = 
             a tensor for every site, or a mapping site name -> tensor.
         data: calibration batches for data-dependent baselines (also records site shapes).
         example_inputs: one input batch, to record site shapes without calibration.
+        leaf_modules, concrete_args: as :func:`fxgndi.trace`.
+        output: which tensor of the model's output the graph returns (a key, index, attribute
+            or callable; default: see :func:`fxgndi.core.outputs.select_output`).
 
     Example:
         >>> import torchvision
@@ -233,7 +238,7 @@ def intervene(model: nn.Module, sites: SiteSpec = "conv", *, granularity: str = 
     gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
     selected = select_sites(gm, sites)
     _insert_interventions(gm, selected, granularity)
-    graph = InterventionGraph(gm, selected, granularity, model)
+    graph = InterventionGraph(gm, selected, granularity, model, output)
     if example_inputs is not None:
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
         with eval_mode(graph):

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn  # noqa: F401  (doctests)
 import torch.nn.functional as F
 
+from fxgndi.core.outputs import class_layout
 from fxgndi.fx.intervention import InterventionGraph, intervene  # noqa: F401  (doctests)
 from fxgndi.gndi.scores import Unit
 from fxgndi.gndi.tangents import SAMPLES_PER_CHUNK, one_hot_alphas, transformable_attention
@@ -33,26 +34,34 @@ def ablated_outputs(graph: InterventionGraph, x: torch.Tensor, units: Sequence[U
 
 def effect(reference: torch.Tensor, ablated: torch.Tensor, y: torch.Tensor | None,
            metric: str) -> torch.Tensor:
-    """Per-sample effect [U, B] of each intervention on the outputs ``ablated`` [U, B, K]; NaN
-    where the reference or an intervened output is not finite (so that a discrete metric such
-    as accuracy cannot hide it).
+    """Per-sample effect [U, B] of each intervention on the outputs ``ablated`` [U, B, ...]
+    against ``reference`` [B, ...] (classes in dim 1 of an output; dense outputs are averaged
+    over positions); NaN where the reference or an intervened output is not finite (so that a
+    discrete metric such as accuracy cannot hide it).
 
     Example:
         >>> ref = torch.tensor([[2.0, 0.0]])
         >>> effect(ref, torch.tensor([[[0.0, 2.0]]]), torch.tensor([0]), "accuracy")
         tensor([[1.]])
     """
+    units, batch = ablated.shape[:2]
+    ref = class_layout(reference)  # [B, C, P]
+    abl = class_layout(ablated.reshape(units * batch, *ablated.shape[2:])).view(
+        units, batch, *ref.shape[1:])
     if metric == "logit_l2":
-        out = torch.linalg.vector_norm(ablated - reference, dim=-1)
+        out = torch.linalg.vector_norm((abl - ref).flatten(2), dim=-1)
     elif metric == "kl":
-        log_p = reference.log_softmax(-1)
-        out = (log_p.exp() * (log_p - ablated.log_softmax(-1))).sum(-1)
-    elif metric == "accuracy":
-        correct = (reference.argmax(-1) == y).to(reference.dtype)
-        out = correct - (ablated.argmax(-1) == y).to(reference.dtype)
+        log_p = ref.log_softmax(1)
+        out = (log_p.exp() * (log_p - abl.log_softmax(2))).sum(2).mean(-1)
     else:
-        ce = F.cross_entropy(ablated.flatten(0, 1), y.repeat(ablated.shape[0]),
-                             reduction="none")
-        out = ce.view(ablated.shape[:2]) - F.cross_entropy(reference, y, reduction="none")
-    finite = torch.isfinite(ablated).all(-1) & torch.isfinite(reference).all(-1)
+        labels = y.reshape(batch, -1)  # [B, P]
+        if metric == "accuracy":
+            correct = (ref.argmax(1) == labels).to(ref.dtype).mean(-1)
+            out = correct - (abl.argmax(2) == labels).to(ref.dtype).mean(-1)
+        else:
+            ce = F.cross_entropy(abl.flatten(0, 1), labels.repeat(units, 1), reduction="none")
+            out = ce.view(units, batch, -1).mean(-1) - F.cross_entropy(
+                ref, labels, reduction="none").mean(-1)
+    finite = torch.isfinite(ablated.flatten(2)).all(-1) & \
+        torch.isfinite(reference.flatten(1)).all(-1)
     return out.masked_fill(~finite, float("nan"))

@@ -111,7 +111,8 @@ def prepare(model: nn.Module | InterventionGraph, data: Iterable, run: RunOption
                           granularity=granularity or "layer",
                           baseline="zero" if baseline is None else baseline, data=data,
                           example_inputs=example[:1], leaf_modules=run.leaf_modules,
-                          concrete_args=run.concrete_args, progress=run.progress)
+                          concrete_args=run.concrete_args, output=run.output,
+                          progress=run.progress)
     units = all_units(graph) if channels is None else _check_units(graph, channels)
     return graph, device, units
 

@@ -171,7 +171,8 @@ def validate(model: nn.Module, data: Iterable, *, importances: Sequence[str] | N
     check_accepts(model, first_batch(data))
     graph = intervene(model, sites, granularity=granularity, baseline=baseline, data=data,
                       example_inputs=first_batch(data), leaf_modules=opts.leaf_modules,
-                      concrete_args=opts.concrete_args, progress=opts.progress)
+                      concrete_args=opts.concrete_args, output=opts.output,
+                      progress=opts.progress)
     units = _units(graph, n_channels, opts.seed)
     channels = None if granularity == "layer" else [(s, c) for s, c in units]
     common = dict(max_batches=opts.max_batches, progress=opts.progress,

@@ -161,7 +161,7 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
     latency0 = measure.before if target == "latency" else float("nan")
     generator = torch.Generator().manual_seed(opts.seed)
     scoring = dict(readout=readout, steps=steps, metric=metric, max_batches=opts.max_batches,
-                   max_memory=opts.max_memory, progress=opts.progress)
+                   max_memory=opts.max_memory, progress=opts.progress, output=opts.output)
     removed: list[str] = []
     history: list[dict[str, Any]] = []
     ranking: dict[str, float] = {}
@@ -246,7 +246,8 @@ def _score_blocks(gm: fx.GraphModule, data: Iterable, calibration: Iterable,
     if importance == "random":
         return dict(zip(live.values(), torch.rand(len(live), generator=generator).tolist()))
     graph = intervene(gm, sites=lambda n: n.name in live, baseline=baseline,
-                      data=calibration if baseline != "zero" else None)
+                      data=calibration if baseline != "zero" else None,
+                      output=scoring["output"])
     common = {k: scoring[k] for k in ("max_batches", "max_memory", "progress")}
     if importance == "gndi":
         scores = score(graph, data, steps=scoring["steps"], readout=scoring["readout"],

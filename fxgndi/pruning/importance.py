@@ -247,7 +247,8 @@ class GroupEffectImportance(tp.importance.Importance):
         start = time.perf_counter()
         gm, taps = tap_consumers(model, leaf_modules=self.run.leaf_modules,
                                  consumers=self.consumers)
-        graph = intervene(gm, sites=[t.name for t in taps], granularity="channel")
+        graph = intervene(gm, sites=[t.name for t in taps], granularity="channel",
+                          output=self.run.output)
         for site, tap in zip(graph.sites, taps):
             site.channel_dim = tap.channel_dim  # a Linear reading NHWC has channels last
         device = device_of(model)

@@ -169,6 +169,14 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, data: Iterable, *,
                                             ridge, max_batches, max_memory))
                 bar.update(1)
     report.seconds = time.perf_counter() - start
+    under = [f for f in report.layers if f.rows < f.unknowns]
+    if under:
+        worst = max(under, key=lambda f: f.unknowns / f.rows)
+        warnings.warn(f"least-squares repair: {len(under)} of {len(report.layers)} layers had "
+                      f"fewer rows (samples x positions) than unknowns, e.g. {worst.name!r} "
+                      f"{worst.rows} for {worst.unknowns}; solved with ridge {ridge:g}, largest "
+                      f"condition number {max(f.condition for f in under):.3g}: pass more "
+                      "calibration data for an exact fit", RuntimeWarning, stacklevel=2)
     return report
 
 
@@ -260,10 +268,6 @@ def _refit(pruned: nn.Module, layer: nn.Module, name: str, data: Iterable,
         # X^T X has rank <= rows < d: its smallest eigenvalue is 0, so the regularised
         # system's condition number is (largest eigenvalue + lambda) / lambda.
         condition = float(((_largest_eigenvalue(xtx) + ridge * scale) / (ridge * scale)).max())
-        warnings.warn(f"least-squares repair of {name!r}: {count} rows for {d} unknowns per "
-                      f"output (underdetermined); solved with ridge {ridge:g}, condition "
-                      f"number {condition:.3g}: pass more calibration data for an exact fit",
-                      RuntimeWarning, stacklevel=4)
     factor, info = torch.linalg.cholesky_ex(system)
     if bool((info != 0).any()):  # not positive definite in floating point: LU instead
         solution = torch.linalg.solve(system, xty)
