@@ -8,7 +8,7 @@ changes what that layer reads and nothing else (what removing the layer's input 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch.fx as fx
 import torch.nn as nn
@@ -34,7 +34,8 @@ class Tap:
 
 
 def tap_consumers(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
-                  consumers: dict[type, int] | None = None
+                  consumers: dict[type, int] | None = None,
+                  concrete_args: dict[str, Any] | None = None
                   ) -> tuple[fx.GraphModule, list[Tap]]:
     """Trace ``model`` and put an ``nn.Identity`` tap on the input edge of every conv / linear call
     and of every call of a ``consumers`` class (traced as a leaf; the value is its channel dim).
@@ -48,7 +49,7 @@ def tap_consumers(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
         [('0', -1), ('2', -1)]
     """
     consumers = dict(consumers or {})
-    gm = trace(model, leaf_modules=(*leaf_modules, *consumers))
+    gm = trace(model, leaf_modules=(*leaf_modules, *consumers), concrete_args=concrete_args)
     modules = dict(gm.named_modules())
     taps: list[Tap] = []
     for node in list(gm.graph.nodes):

@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-from torchvision.models import maxvit, shufflenetv2, swin_transformer, vision_transformer
+from torchvision.models import maxvit, shufflenetv2, swin_transformer
 
 from fxgndi.pruning._tp import prunes_outputs, traced_modules
 
@@ -345,23 +345,6 @@ def _multihead_attention(model: nn.Module, modules: list[nn.Module],
     plan.out_channel_groups.update({m: m.num_heads for m in attention})
     head_dims = {m: m.head_dim for m in attention}
     plan.after.append(lambda pruned: keep_attention_scale(head_dims))
-    if any(isinstance(m, vision_transformer.VisionTransformer) for m in modules):
-        plan.after.append(fix_widths)
-
-
-def fix_widths(model: nn.Module) -> None:
-    """Reset the attributes torchvision's forward code reshapes with to the pruned widths
-    (``VisionTransformer.hidden_dim``).
-
-    Example:
-        >>> vit = vision_transformer.VisionTransformer(32, 8, 1, 2, 16, 32, num_classes=3)
-        >>> tp.prune_conv_out_channels(vit.conv_proj, [0, 1]) and None
-        >>> fix_widths(vit); vit.hidden_dim
-        14
-    """
-    for m in model.modules():
-        if isinstance(m, vision_transformer.VisionTransformer):
-            m.hidden_dim = m.conv_proj.out_channels
 
 
 def keep_attention_scale(head_dims: dict[nn.MultiheadAttention, int]) -> None:

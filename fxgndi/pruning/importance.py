@@ -246,7 +246,8 @@ class GroupEffectImportance(tp.importance.Importance):
         """Tap the consumers of ``model`` and set the taps' baselines."""
         start = time.perf_counter()
         gm, taps = tap_consumers(model, leaf_modules=self.run.leaf_modules,
-                                 consumers=self.consumers)
+                                 consumers=self.consumers,
+                                 concrete_args=self.run.concrete_args)
         graph = intervene(gm, sites=[t.name for t in taps], granularity="channel",
                           output=self.run.output)
         for site, tap in zip(graph.sites, taps):

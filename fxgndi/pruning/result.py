@@ -21,6 +21,7 @@ class PruningResult:
             example input.
         settings: the arguments that produced it, and what ran (repair steps, importance).
         seconds: wall time of the whole call (scoring, search, repair, fine-tuning).
+        skipped: what was not pruned (a layer's width, a block) -> why.
 
     Example:
         >>> r = PruningResult(model=nn.Linear(2, 2), macs_before=10, macs_after=5,
@@ -36,6 +37,7 @@ class PruningResult:
     params_after: int
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = float("nan")
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def macs_reduction(self) -> float:
@@ -132,7 +134,6 @@ class DepthPruneResult(PruningResult):
         removed: the removed blocks' names, in removal order.
         history: one dict per removal: block, its score when removed, MAC and parameter
             reduction after it (and latency reduction for ``target="latency"``).
-        skipped: blocks that were never candidates -> why.
         latency_before, latency_after: seconds of one forward pass on the example input
             (measured for ``target="latency"``; NaN otherwise).
 
@@ -145,7 +146,6 @@ class DepthPruneResult(PruningResult):
 
     removed: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
     latency_before: float = float("nan")
     latency_after: float = float("nan")
 

@@ -22,11 +22,12 @@ from fxgndi.core.cost import count_macs_params
 from fxgndi.core.errors import FxgndiError, UntraceableModelError
 from fxgndi.core.layers import BATCHNORMS, LAYERS, in_width, out_width
 from fxgndi.core.names import PRUNE_IMPORTANCES, PRUNE_TARGETS
-from fxgndi.core.options import RunKwargs, run_options
+from fxgndi.core.options import RunKwargs, RunOptions, run_options
 from fxgndi.core.runtime import device_of, eval_mode
 from fxgndi.core.streams import example_input, iter_batches
 from fxgndi.fx.analysis import analyze, facts
 from fxgndi.fx.trace import trace
+from fxgndi.fx.widths import StaticWidth, static_widths, update_widths
 from fxgndi.pruning import architectures
 from fxgndi.pruning._tp import graph_of, prunes_inputs, prunes_outputs
 from fxgndi.pruning.compensate import compensate_group, consumer_input_means
@@ -42,6 +43,7 @@ IMPORTANCES = PRUNE_IMPORTANCES
 TARGETS = PRUNE_TARGETS
 _TRACKED = (*LAYERS, *BATCHNORMS)
 _MAX_RATIO = 0.95  # torch-pruning refuses to empty a layer; the search stays below
+_UNTRACED = "(static widths)"  # the skipped entry of a model torch.fx could not trace
 
 
 def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: str = "channels",
@@ -104,7 +106,9 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
     scorer = _make_importance(importance, data, fixes.compensate, opts, plan)
     macs0, params0 = count_macs_params(model, example)
     channels0 = _out_channels(model)
-    ignored_names = _ignored_names(model, ignored_layers, example)
+    ignored_names = _ignored_names(model, ignored_layers, example, opts)
+    widths, skipped = _static_widths(model, example, opts)
+    ignored_names += [name for name in skipped if name != _UNTRACED and name not in ignored_names]
 
     def run_once(ratio: float, target_model: nn.Module | None = None
                  ) -> tuple[nn.Module, tuple]:
@@ -113,7 +117,7 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
                            iterative_steps=iterative_steps, round_to=round_to,
                            ignored=[work.get_submodule(n) for n in ignored_names],
                            compensate=fixes.compensate, max_batches=opts.max_batches,
-                           seed=opts.seed)
+                           seed=opts.seed, widths=widths)
         return work, kept
 
     # The least-squares repair fits the pruned layers to the dense ones: keep the dense model.
@@ -126,6 +130,7 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
         ratio, (pruned, kept) = _search_ratio(run_once, measure, sparsity, tolerance, target)
         if inplace:
             pruned, kept = run_once(ratio, model)
+    _check_runs(pruned, example, untraceable=_UNTRACED in skipped)
     ran = repair_model(pruned, data, fixes, dense=dense, kept_outputs=kept[0],
                        max_batches=opts.max_batches, max_memory=opts.max_memory,
                        progress=opts.progress)
@@ -136,6 +141,8 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
                 "global_pruning": global_pruning, "iterative_steps": iterative_steps,
                 "round_to": round_to, "repair": fixes.to_dict(), "repair_ran": ran,
                 "ignored_layers": ignored_names, "importance_options": {},
+                "updated_widths": sorted({f"{w.owner}.{w.attribute}".lstrip(".")
+                                          for w in widths if w.attribute}),
                 "architectures": plan.families}
     if isinstance(scorer, GroupEffectImportance):
         settings["importance_options"].update(baseline=scorer.baseline, readout=scorer.readout,
@@ -143,7 +150,7 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
         settings["scoring_seconds"] = scorer.seconds
     return PruneResult(model=pruned, macs_before=int(macs0), macs_after=int(macs1),
                        params_before=int(params0), params_after=int(params1),
-                       settings=settings, seconds=time.perf_counter() - start,
+                       settings=settings, seconds=time.perf_counter() - start, skipped=skipped,
                        channels={n: (channels0[n], channels1.get(n, 0)) for n in channels0},
                        kept=kept[0], kept_inputs=kept[1], pruning_ratio=ratio)
 
@@ -174,8 +181,8 @@ def make_importance(name: str, data: Iterable | None = None, **options: Any
     return factories[name](**options)
 
 
-def output_layers(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]
-                  ) -> list[str]:
+def output_layers(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor],
+                  concrete_args: dict[str, Any] | None = None) -> list[str]:
     """Names of the conv / linear layers whose outputs reach the model output through no other
     conv / linear layer (the classifier). Found on the torch.fx graph; for an untraceable model,
     the last conv / linear layer that runs.
@@ -186,7 +193,7 @@ def output_layers(model: nn.Module, example_inputs: torch.Tensor | Sequence[torc
         ['2']
     """
     try:
-        gm = trace(model)
+        gm = trace(model, concrete_args=concrete_args)
     except UntraceableModelError:
         return [_last_layer_run(model, example_inputs)]
     output = next(n for n in analyze(gm).graph.nodes if n.op == "output")
@@ -196,7 +203,8 @@ def output_layers(model: nn.Module, example_inputs: torch.Tensor | Sequence[torc
 def _prune_once(model: nn.Module, data: Iterable, example: Any,
                 importance: tp.importance.Importance, ratio: float, *, global_pruning: bool,
                 iterative_steps: int, round_to: int | None, ignored: list[nn.Module],
-                compensate: bool, max_batches: int | None, seed: int
+                compensate: bool, max_batches: int | None, seed: int,
+                widths: Sequence[StaticWidth] = ()
                 ) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
     """Prune ``model`` in place; returns the original indices of the kept outputs and inputs."""
     checked = _CheckedImportance(importance)
@@ -232,6 +240,7 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
                 p.grad = None
     for fix in plan.after:
         fix(model)
+    update_widths(model, list(widths))
     return tracker.kept()
 
 
@@ -339,14 +348,14 @@ def _out_channels(model: nn.Module) -> dict[str, int]:
     return {n: out_width(m) for n, m in model.named_modules() if isinstance(m, LAYERS)}
 
 
-def _ignored_names(model: nn.Module, spec: Any, example: Any) -> list[str]:
+def _ignored_names(model: nn.Module, spec: Any, example: Any, opts: RunOptions) -> list[str]:
     if spec is None:
         return []
     if isinstance(spec, str):
         if spec != "auto":
             raise ValueError(f"ignored_layers must be 'auto', None or a list of modules / names "
                              f"of the model, not {spec!r}")
-        return output_layers(model, example)
+        return output_layers(model, example, opts.concrete_args)
     names = {m: n for n, m in model.named_modules()}
     out = []
     for entry in spec:
@@ -386,8 +395,45 @@ def _make_importance(importance: Any, data: Iterable, compensate: bool, opts: An
                                baseline="channel-mean" if compensate else "zero",
                                consumers=plan.consumers, max_batches=opts.max_batches,
                                progress=opts.progress, chunk_size=opts.chunk_size,
-                               leaf_modules=opts.leaf_modules)
+                               leaf_modules=opts.leaf_modules,
+                               concrete_args=opts.concrete_args, output=opts.output)
     return make_importance(importance)
+
+
+def _static_widths(model: nn.Module, example: Any, opts: RunOptions
+                   ) -> tuple[list[StaticWidth], dict[str, str]]:
+    """The widths the model's code holds (:mod:`fxgndi.fx.widths`) and the layers that must keep
+    theirs because a literal holds it; none for a model torch.fx cannot trace (then the final
+    forward check is what catches a stale width)."""
+    try:
+        widths = static_widths(model, example, leaf_modules=opts.leaf_modules,
+                               concrete_args=opts.concrete_args)
+    except (UntraceableModelError, RuntimeError, TypeError) as exc:
+        why = (f"untraceable ({type(exc).__name__}): widths its code holds were not looked "
+               "for; pass concrete_args= (forward flags) or leaf_modules=")
+        return [], {_UNTRACED: why}
+    skipped = {w.layer: (f"keeps its width: {w.node} reshapes with the literal {w.value}, "
+                         f"which counts its {w.value // w.per_channel} channels; hold it in a "
+                         "module attribute (self.width = ...) for fxgndi to update it")
+               for w in widths if w.attribute is None}
+    return widths, skipped
+
+
+def _check_runs(model: nn.Module, example: Any, untraceable: bool = False) -> None:
+    """A returned model always runs: its forward on the example input, or a clear error."""
+    inputs = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*inputs)
+    except Exception as exc:
+        raise FxgndiError(
+            f"the pruned {type(model).__name__} fails its forward on example_inputs "
+            f"({type(exc).__name__}: {str(exc).strip()[:300]}); its code holds a shape that "
+            "pruning changed (a reshape or view with a fixed width?). Fix: "
+            + ("pass concrete_args= for the forward's flags (or leaf_modules=) so that torch.fx "
+               "can trace the model and fxgndi update that width; or " if untraceable else "")
+            + "hold that width in a module attribute, or add the layer feeding that reshape to "
+            "ignored_layers") from exc
 
 
 def _check_arguments(sparsity: float, target: str, importance: Any, steps: int,
