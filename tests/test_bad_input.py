@@ -112,6 +112,19 @@ def test_inf_in_ablation_effects_is_reported():
         fxgndi.ablate(model, data, metric="logit_l2", progress=False)
 
 
+@pytest.mark.parametrize("metric", ["accuracy", "logit_l2", "kl", "loss"])
+def test_nan_weights_are_reported_by_every_ablation_metric(metric):
+    model = make_tiny()
+    with torch.no_grad():
+        model.conv2.weight[0, 0, 0, 0] = float("nan")  # NaN from conv2 on: every output
+    data = [(torch.randn(2, 2, 6, 6), torch.tensor([0, 1]))]
+    with torch.no_grad():
+        assert torch.isnan(model(data[0][0])).all()  # plain PyTorch: the model emits NaN
+    # accuracy used to compare argmaxes of NaN rows (index 0 each time) and report 0 effects
+    with pytest.raises(NonFiniteError, match="NaN or Inf in ablation effects"):
+        fxgndi.ablate(model, data, metric=metric, progress=False)
+
+
 # --- empty data ----------------------------------------------------------------------------
 
 def test_empty_dataloader_is_a_data_error(tiny):
