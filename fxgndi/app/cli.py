@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     bencher.add_argument("--num-classes", type=int, default=None,
                          help="default: the one recorded in the first --pruned file, else 1000")
     bencher.add_argument("--pruned", nargs="*", default=[], metavar="FILE",
-                         help="exported files (.pt2 .onnx .ts .pth) to compare with --model")
+                         help="exported files (.pt2 .onnx .ts .pth) to compare with --model, "
+                              "each against --model exported to its format (the 'vs' column)")
     bencher.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     bencher.add_argument("--input-shape", type=int, nargs="+", default=None, metavar="N",
                          help="one sample's shape (default: the first --pruned file's, else "

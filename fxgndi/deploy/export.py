@@ -332,7 +332,8 @@ def _info(model: nn.Module, inputs: tuple[torch.Tensor, ...], fmt: str, dynamic_
           name: str | None, kwargs: dict[str, Any] | None) -> dict[str, Any]:
     macs, params = count_macs_params(model, tuple(t[:1] for t in inputs))
     return {"format": fmt, "input_shapes": [list(t.shape[1:]) for t in inputs],
-            "dynamic_batch": dynamic_batch or fmt == "state_dict", "macs": int(macs),
+            "dynamic_batch": dynamic_batch or fmt == "state_dict",
+            "batch_size": int(inputs[0].shape[0]), "macs": int(macs),
             "params": int(params), "model_name": name, "model_kwargs": dict(kwargs or {}),
             "torch": torch.__version__}
 
