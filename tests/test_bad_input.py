@@ -170,6 +170,53 @@ def test_resume_without_a_state_path(capsys, tiny):
                              *QUIET], "--resume needs --run-state")
 
 
+# --- pruning and export arguments -----------------------------------------------------------
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """The CLI fails the test if it loads a model or data (refusals come before any work)."""
+    def refuse(args):
+        raise AssertionError("the model and data were loaded before the refusal")
+    monkeypatch.setattr("fxgndi.app.cli._load", refuse)
+
+
+@pytest.mark.parametrize("out, extra", [("d.pth", []), ("d.bin", ["--format", "pth"])])
+def test_cli_prune_depth_refuses_a_pth_out_before_any_work(capsys, tmp_path, no_loading, out,
+                                                           extra):
+    _one_line_error(capsys, ["prune-depth", "--model", "resnet18", "--blocks", "1", "--out",
+                             str(tmp_path / out), *extra, "--quiet"],
+                    "GraphModule", "use .pt2, .onnx or .ts")
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_unknown_export_suffix_names_the_cli_flag_before_any_work(capsys, tmp_path,
+                                                                      no_loading):
+    for command in (["prune"], ["prune-depth", "--blocks", "1"], ["export"]):
+        _one_line_error(capsys, [*command, "--model", "resnet18", "--out",
+                                 str(tmp_path / "m.bin"), "--quiet"],
+                        "suffix '.bin'", "--format")
+
+
+def test_round_to_below_one_is_refused(capsys, tiny):
+    data = [(torch.randn(4, 2, 6, 6), torch.tensor([0, 1, 2, 0]))]
+    with pytest.raises(ValueError, match="round_to must be None or an integer >= 1.*not 0"):
+        fxgndi.prune(tiny, data, sparsity=0.5, round_to=0)
+    _one_line_error(capsys, ["prune", "--model", "resnet18", "--limit", "4", "--importance",
+                             "l1", "--round-to", "0", "--quiet"], "round_to", "not 0")
+
+
+def test_validate_n_channels_below_two_is_one_line(capsys):
+    _one_line_error(capsys, ["validate", "--model", "resnet18", "--limit", "4",
+                             "--granularity", "channel", "--n-channels", "0", *QUIET],
+                    "n_channels must be an integer >= 2", "not 0")
+
+
+def test_one_sample_validate_warns(tiny):
+    data = [(torch.randn(1, 2, 6, 6), torch.tensor([1]))]
+    with pytest.warns(RuntimeWarning, match="truth on 1 sample.*standard errors are undefined"):
+        fxgndi.validate(tiny, data, importances=["gndi"], truth="logit_l2", progress=False)
+
+
 def test_bad_memory_budgets(tiny):
     x = [torch.randn(2, 2, 6, 6)]
     with pytest.raises(ValueError, match="cannot read the memory size '4 parsecs'"):

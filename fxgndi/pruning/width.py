@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 
-from fxgndi.core.checks import check_choice, check_fraction
+from fxgndi.core.checks import check_choice, check_count, check_fraction
 from fxgndi.core.cost import count_macs_params
 from fxgndi.core.errors import FxgndiError, UntraceableModelError
 from fxgndi.core.layers import BATCHNORMS, LAYERS, in_width, out_width
@@ -99,6 +99,8 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
     fixes = as_repair(repair)
     _check_arguments(sparsity, target, importance, iterative_steps, tolerance)
     Ties(model, compensate=fixes.compensate)  # refuses, before any work, ties it cannot keep
+    check_count("round_to", round_to, allow_none=True,
+                meaning=" (channel counts are kept multiples of it)")
     device = device_of(model)
     example = example_input(data, opts.example_inputs, device)
     plan = architectures.plan_for(model)
