@@ -340,6 +340,7 @@ def _emit(args, result) -> None:
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     if args.plot:
         result.plot(args.plot)
+        print(f"fxgndi: plot written to {os.path.abspath(args.plot)}", file=sys.stderr)
 
 
 def _run_validate(args) -> None:
