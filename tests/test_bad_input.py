@@ -112,6 +112,19 @@ def test_inf_in_ablation_effects_is_reported():
         fxgndi.ablate(model, data, metric="logit_l2", progress=False)
 
 
+@pytest.mark.parametrize("metric", ["accuracy", "logit_l2", "kl", "loss"])
+def test_nan_weights_are_reported_by_every_ablation_metric(metric):
+    model = make_tiny()
+    with torch.no_grad():
+        model.conv2.weight[0, 0, 0, 0] = float("nan")  # NaN from conv2 on: every output
+    data = [(torch.randn(2, 2, 6, 6), torch.tensor([0, 1]))]
+    with torch.no_grad():
+        assert torch.isnan(model(data[0][0])).all()  # plain PyTorch: the model emits NaN
+    # accuracy used to compare argmaxes of NaN rows (index 0 each time) and report 0 effects
+    with pytest.raises(NonFiniteError, match="NaN or Inf in ablation effects"):
+        fxgndi.ablate(model, data, metric=metric, progress=False)
+
+
 # --- empty data ----------------------------------------------------------------------------
 
 def test_empty_dataloader_is_a_data_error(tiny):
@@ -155,6 +168,53 @@ def test_resume_without_a_state_path(capsys, tiny):
         fxgndi.score(tiny, [torch.randn(2, 2, 6, 6)], resume=True, progress=False)
     _one_line_error(capsys, ["score", "--model", "resnet18", "--data", "digits", "--resume",
                              *QUIET], "--resume needs --run-state")
+
+
+# --- pruning and export arguments -----------------------------------------------------------
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """The CLI fails the test if it loads a model or data (refusals come before any work)."""
+    def refuse(args):
+        raise AssertionError("the model and data were loaded before the refusal")
+    monkeypatch.setattr("fxgndi.app.cli._load", refuse)
+
+
+@pytest.mark.parametrize("out, extra", [("d.pth", []), ("d.bin", ["--format", "pth"])])
+def test_cli_prune_depth_refuses_a_pth_out_before_any_work(capsys, tmp_path, no_loading, out,
+                                                           extra):
+    _one_line_error(capsys, ["prune-depth", "--model", "resnet18", "--blocks", "1", "--out",
+                             str(tmp_path / out), *extra, "--quiet"],
+                    "GraphModule", "use .pt2, .onnx or .ts")
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_unknown_export_suffix_names_the_cli_flag_before_any_work(capsys, tmp_path,
+                                                                      no_loading):
+    for command in (["prune"], ["prune-depth", "--blocks", "1"], ["export"]):
+        _one_line_error(capsys, [*command, "--model", "resnet18", "--out",
+                                 str(tmp_path / "m.bin"), "--quiet"],
+                        "suffix '.bin'", "--format")
+
+
+def test_round_to_below_one_is_refused(capsys, tiny):
+    data = [(torch.randn(4, 2, 6, 6), torch.tensor([0, 1, 2, 0]))]
+    with pytest.raises(ValueError, match="round_to must be None or an integer >= 1.*not 0"):
+        fxgndi.prune(tiny, data, sparsity=0.5, round_to=0)
+    _one_line_error(capsys, ["prune", "--model", "resnet18", "--limit", "4", "--importance",
+                             "l1", "--round-to", "0", "--quiet"], "round_to", "not 0")
+
+
+def test_validate_n_channels_below_two_is_one_line(capsys):
+    _one_line_error(capsys, ["validate", "--model", "resnet18", "--limit", "4",
+                             "--granularity", "channel", "--n-channels", "0", *QUIET],
+                    "n_channels must be an integer >= 2", "not 0")
+
+
+def test_one_sample_validate_warns(tiny):
+    data = [(torch.randn(1, 2, 6, 6), torch.tensor([1]))]
+    with pytest.warns(RuntimeWarning, match="truth on 1 sample.*standard errors are undefined"):
+        fxgndi.validate(tiny, data, importances=["gndi"], truth="logit_l2", progress=False)
 
 
 def test_bad_memory_budgets(tiny):

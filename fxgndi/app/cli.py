@@ -16,8 +16,8 @@ from typing import Any, Callable, Sequence
 # Only the vocabulary at import time: `fxgndi --help` must not pay for torch, torch-pruning,
 # scipy or matplotlib. Each subcommand imports what it runs.
 from fxgndi.core.names import (BASELINES, DATA_SPLITS, DEPTH_BASELINES, DEPTH_IMPORTANCES,
-                               DEPTH_TARGETS, GRANULARITIES, METRICS, MODES, PRUNE_IMPORTANCES,
-                               PRUNE_TARGETS, READOUTS, VALIDITY_IMPORTANCES)
+                               DEPTH_TARGETS, EXPORT_FORMATS, GRANULARITIES, METRICS, MODES,
+                               PRUNE_IMPORTANCES, PRUNE_TARGETS, READOUTS, VALIDITY_IMPORTANCES)
 
 EXAMPLES = """examples:
   fxgndi demo
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     _recalibrate_arg(pruner)
     pruner.add_argument("--out", default=None, metavar="PATH",
                         help="also export the pruned model: .pt2, .onnx, .ts or .pth")
+    _format_arg(pruner)
 
     depth = _command(sub, "prune-depth", _run_prune_depth,
                      "remove whole residual branches, least causally important first",
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _recalibrate_arg(depth)
     depth.add_argument("--out", default=None, metavar="PATH",
                        help="also export the pruned model: .pt2, .onnx or .ts")
+    _format_arg(depth)
 
     exporter = _command(sub, "export", _run_export,
                         "save a model as .pt2, .onnx, .ts or .pth, checked against eager",
@@ -158,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(exporter)
     exporter.add_argument("--out", required=True, metavar="PATH",
                           help="the file to write; its suffix (.pt2 .onnx .ts .pth) picks the "
-                               "format")
+                               "format unless --format is given")
+    _format_arg(exporter)
     exporter.set_defaults(plot=None)
 
     bencher = _command(sub, "bench", _run_bench,
@@ -171,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     bencher.add_argument("--num-classes", type=int, default=None,
                          help="default: the one recorded in the first --pruned file, else 1000")
     bencher.add_argument("--pruned", nargs="*", default=[], metavar="FILE",
-                         help="exported files (.pt2 .onnx .ts .pth) to compare with --model")
+                         help="exported files (.pt2 .onnx .ts .pth) to compare with --model, "
+                              "each against --model exported to its format (the 'vs' column)")
     bencher.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     bencher.add_argument("--input-shape", type=int, nargs="+", default=None, metavar="N",
                          help="one sample's shape (default: the first --pruned file's, else "
@@ -197,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     validator.add_argument("--n-channels", type=int, default=300)
     validator.add_argument("--n-boot", type=int, default=10000)
     return parser
+
+
+def _format_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", default=None, choices=[*EXPORT_FORMATS.values(), "ts", "pth"],
+                   help="the export format of --out (default: from its suffix)")
 
 
 def _recalibrate_arg(p: argparse.ArgumentParser) -> None:
@@ -331,6 +340,7 @@ def _emit(args, result) -> None:
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     if args.plot:
         result.plot(args.plot)
+        print(f"fxgndi: plot written to {os.path.abspath(args.plot)}", file=sys.stderr)
 
 
 def _run_validate(args) -> None:
@@ -346,7 +356,7 @@ def _run_validate(args) -> None:
 def _run_prune(args) -> None:
     from fxgndi.pruning.width import prune
     if args.out:
-        _check_format(args.out)
+        _check_format(args)
     model, data = _load(args)
     result = prune(model, data, sparsity=args.sparsity, target=args.target,
                    importance=args.importance, global_pruning=args.global_pruning,
@@ -381,7 +391,7 @@ def _run_prune_depth(args) -> None:
     if args.blocks is None and args.target is None:
         raise ValueError("say how much to remove: --blocks N, or --target macs --sparsity 0.3")
     if args.out:
-        _check_format(args.out)
+        _check_format(args, graph_module=True)
     model, data = _load(args)
     result = prune_depth(model, data, n_blocks=args.blocks, target=args.target,
                          sparsity=args.sparsity, importance=args.importance,
@@ -427,10 +437,15 @@ def _run_ablate(args) -> None:
                        **_long_run_kwargs(args)))
 
 
-def _check_format(path: str) -> None:
-    """Fail before any work when the export suffix is unknown."""
+def _check_format(args, *, graph_module: bool = False) -> None:
+    """Fail before any work when the export format is unknown, or (``graph_module``: the
+    model will be a torch.fx GraphModule, as depth pruning returns) a .pth file."""
     from fxgndi.deploy.export import format_of
-    format_of(path)
+    fmt = format_of(args.out, args.format)
+    if graph_module and fmt == "state_dict":
+        raise ValueError(f"--out {args.out}: a depth-pruned model is a torch.fx GraphModule, "
+                         "which a .pth file (torch-pruning's state dict, rebuilt on the "
+                         "unpruned architecture) cannot hold: use .pt2, .onnx or .ts")
 
 
 def _model_source(args) -> tuple[str, dict[str, Any]]:
@@ -452,7 +467,8 @@ def _export(args, model: Any, data: Any):
     from fxgndi.core.streams import first_batch
     name, kwargs = _model_source(args)
     example = first_batch(data)[:2].to(args.device or "cpu")
-    return export(model, args.out, example_inputs=example, model_name=name, model_kwargs=kwargs)
+    return export(model, args.out, example_inputs=example, format=args.format, model_name=name,
+                  model_kwargs=kwargs)
 
 
 def _export_summary(result: dict[str, Any]) -> str:
@@ -461,7 +477,7 @@ def _export_summary(result: dict[str, Any]) -> str:
 
 
 def _run_export(args) -> None:
-    _check_format(args.out)
+    _check_format(args)
     model, data = _load(args)
     _emit(args, _export(args, model, data))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Sequence
 
 from fxgndi.core.errors import NonFiniteError
@@ -35,6 +36,25 @@ def check_fraction(what: str, value: Any, meaning: str = "") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise ValueError(f"{what} must be in (0, 1){meaning}, not {value!r}")
     return float(value)
+
+
+def check_count(what: str, value: Any, *, minimum: int = 1, allow_none: bool = False,
+                meaning: str = "") -> int | None:
+    """``value`` as an integer >= ``minimum`` (or None, with ``allow_none``), else a
+    ValueError saying why.
+
+    Example:
+        >>> check_count("round_to", 0, allow_none=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: round_to must be None or an integer >= 1, not 0
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{what} must be {'None or ' if allow_none else ''}an integer >= "
+                         f"{minimum}{meaning}, not {value!r}")
+    return int(value)
 
 
 def check_finite(values: Any, what: str, *, labels: Sequence[str] | None = None,

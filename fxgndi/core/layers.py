@@ -54,3 +54,21 @@ def input_channel_dim(module: nn.Module) -> int:
         (1, -1)
     """
     return 1 if isinstance(module, CONVS) else -1
+
+
+def tied_parameters(model: nn.Module) -> list[list[tuple[str, str]]]:
+    """The parameters that several modules hold (tied weights, ``c.weight = b.weight``): per
+    parameter, the ``(module name, attribute)`` of each holder, in module order. A module
+    called twice is one holder, not a tie.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+        >>> net[2].weight = net[0].weight
+        >>> tied_parameters(net)
+        [[('0', 'weight'), ('2', 'weight')]]
+    """
+    holders: dict[int, list[tuple[str, str]]] = {}
+    for name, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            holders.setdefault(id(param), []).append((name, attr))
+    return [h for h in holders.values() if len(h) > 1]

@@ -23,6 +23,9 @@ BASELINES = ("zero", "mean", "channel-mean")
 READOUTS = ("logits", "probs", "loss", "margin", "outputs")
 MODES = ("auto", "reverse", "forward", "probe")
 METRICS = ("accuracy", "loss", "logit_l2", "kl")
+# What each metric's value is: the effect of the ablation (axis labels, table headers).
+METRIC_EFFECTS = {"accuracy": "accuracy drop", "loss": "loss increase",
+                  "logit_l2": "logit L2 change", "kl": "KL(original || ablated)"}
 
 # G-NDI variants compared by validate (name -> the score() settings live in gndi/validate.py).
 GNDI_VARIANTS = ("gndi", "gndi_path", "gndi_loss", "gndi_margin", "gndi_path_loss")

@@ -1,10 +1,16 @@
 """Inference speed of models and their exports: latency, throughput, MACs, params, memory.
 
 :func:`bench` times every entry on the same random inputs, one call at a time after a
-warm-up, and states each one's speed-up against the first entry at the same batch size.
-Anything that cannot run (an export that fixed the batch size, ``torch.compile`` without a
-compiler, onnxruntime on a GPU) gets a row that says ``unavailable: <reason>`` instead of
-stopping the run.
+warm-up, and states each one's speed-up against a baseline at the same batch size, named in
+the ``vs`` column: the dense model *in the same runtime*. An exported file (``.pt2``,
+``.onnx``, ``.ts``) whose runtime no entry before it runs in is compared with the first entry
+(the dense ``nn.Module``) exported by :func:`fxgndi.export` to the same format, batch setting
+and input shape (a row ``"<first> as .onnx"``, from a temporary folder); any other entry with
+the first entry before it of the same runtime, else with the first entry. A row whose
+interquartile range exceeds ``noisy_iqr`` (20%) of its median, or whose baseline's does, says
+``noisy: ...`` in its status: its speed-up is not to be trusted. Anything that cannot run (an
+export that fixed the batch size, ``torch.compile`` without a compiler, onnxruntime on a GPU)
+gets a row that says ``unavailable: <reason>`` instead of stopping the run.
 
 Peak memory, over the warm-up and timed calls of one model at one batch size: on CUDA,
 ``torch.cuda.max_memory_allocated`` minus the memory allocated before them (tensors only, not
@@ -23,6 +29,7 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -31,14 +38,19 @@ import torch
 import torch.nn as nn
 
 from fxgndi.core.cost import count_macs_params
-from fxgndi.deploy.export import OnnxModule, artifact_info, load
+from fxgndi.core.names import EXPORT_FORMATS
+from fxgndi.deploy.export import OnnxModule, artifact_info, export, format_of, load
 from fxgndi.core.report import format_table, pyplot, save_figure
 from fxgndi.core.runtime import on_device, torch_threads
 
 
+NOISY_IQR = 0.2  # a row whose IQR exceeds this fraction of its median is flagged noisy
+
+
 @dataclass
 class BenchRow:
-    """One model at one batch size. Times in milliseconds per call; ``status`` is ``"ok"`` or
+    """One model at one batch size. Times in milliseconds per call; ``speedup`` is
+    ``baseline``'s median over this one; ``status`` is ``"ok"``, ``"noisy: <why>"`` or
     ``"unavailable: <reason>"`` (then the timings are NaN)."""
 
     name: str
@@ -53,6 +65,7 @@ class BenchRow:
     params: int | None = None
     peak_mem_mb: float = float("nan")
     status: str = "ok"
+    baseline: str = ""
 
     @property
     def iqr_ms(self) -> float:
@@ -74,8 +87,8 @@ class BenchReport:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def table(self) -> str:
-        """Latency (median [IQR]), throughput, speed-up against the first entry, MACs (per
-        sample), params, peak memory.
+        """Latency (median [IQR]), throughput, speed-up and the baseline it is against, MACs
+        (per sample), params, peak memory, status.
 
         Example:
             >>> r = BenchReport([BenchRow("a", "eager", 1, 2.0, 1.9, 2.1, 500.0, 1.0)], {})
@@ -83,16 +96,18 @@ class BenchReport:
             True
         """
         rows = [(r.name, r.kind, r.batch, r.median_ms, r.iqr_ms, r.throughput, r.speedup,
-                 _scaled(r.macs, 1e9), _scaled(r.params, 1e6), r.peak_mem_mb, r.status)
-                for r in self.rows]
+                 r.baseline, _scaled(r.macs, 1e9), _scaled(r.params, 1e6), r.peak_mem_mb,
+                 r.status) for r in self.rows]
         headers = ["model", "runs as", "batch", "median ms", "IQR ms", "samples/s",
-                   "speed-up", "GMACs/sample", "M params", "peak MB", "status"]
+                   "speed-up", "vs", "GMACs/sample", "M params", "peak MB", "status"]
+        noisy = self.settings.get("noisy_iqr", NOISY_IQR)
         note = (f"{self.settings.get('device', '?')}, {self.settings.get('threads', '?')} "
                 f"threads, input {self.settings.get('input_shape', '?')}, "
                 f"{self.settings.get('repeat', '?')} timed calls after "
-                f"{self.settings.get('warmup', '?')} warm-up; speed-up = first entry's median "
-                "/ this median at the same batch; peak MB: "
-                f"{self.settings.get('memory', '?')}")
+                f"{self.settings.get('warmup', '?')} warm-up; speed-up = the median of the "
+                "'vs' row (the dense model in the same runtime where there is one) / this "
+                f"median at the same batch; noisy: IQR above {noisy:.0%} of the median (this "
+                f"row's or its baseline's); peak MB: {self.settings.get('memory', '?')}")
         return f"{format_table(rows, headers, floatfmt='.3g')}\n{note}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,7 +121,7 @@ class BenchReport:
         return {"rows": rows, "settings": self.settings}
 
     def plot(self, path: str | os.PathLike) -> None:
-        """A bar chart of each entry's speed-up against the first, one bar group per batch.
+        """A bar chart of each entry's speed-up against its baseline, one bar group per batch.
 
         Example:
             >>> BenchReport([BenchRow("a", "eager", 1, speedup=1.0)], {}).plot("speed.png")
@@ -124,7 +139,7 @@ class BenchReport:
             ax.bar(xs, [0.0 if v != v else v for v in values], width, label=f"batch {batch}")
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
-        ax.set_ylabel(f"speed-up vs {names[0]}" if names else "speed-up")
+        ax.set_ylabel("speed-up vs baseline (same runtime)")
         ax.legend()
         save_figure(fig, path)
 
@@ -132,14 +147,16 @@ class BenchReport:
 def bench(models: Mapping[str, Any], *, input_shape: Sequence[int],
           batch_sizes: Sequence[int] = (1, 32), device: str | torch.device | None = None,
           threads: int | None = None, warmup: int = 3, repeat: int = 20,
-          compile: bool = False, seed: int = 0) -> BenchReport:
+          compile: bool = False, seed: int = 0, dense_exports: bool = True,
+          noisy_iqr: float = NOISY_IQR) -> BenchReport:
     """Time each model on random inputs of ``(batch, *input_shape)`` for every batch size.
 
     Args:
-        models: name -> what to run, in order; the first is the baseline of the speed-ups.
-            An ``nn.Module`` runs eagerly (copied to ``device`` if it lives elsewhere; never
-            changed); a path (``.pt2``, ``.onnx``, ``.ts``, ``.pth``) is loaded with
-            :func:`fxgndi.load` (``.onnx`` by onnxruntime with ``threads`` threads); a
+        models: name -> what to run, in order; the first (the dense model) is the baseline
+            of the speed-ups, in each runtime (see ``dense_exports``). An ``nn.Module`` runs
+            eagerly (copied to ``device`` if it lives elsewhere; never changed); a path
+            (``.pt2``, ``.onnx``, ``.ts``, ``.pth``) is loaded with :func:`fxgndi.load`
+            (``.onnx`` by onnxruntime with ``threads`` threads); a
             ``torch.export.ExportedProgram`` runs its ``.module()``; an
             ``onnxruntime.InferenceSession`` runs as it was made.
         input_shape: one sample's shape, e.g. ``(3, 224, 224)``.
@@ -149,6 +166,13 @@ def bench(models: Mapping[str, Any], *, input_shape: Sequence[int],
         warmup, repeat: untimed and timed calls per model and batch size.
         compile: also run each ``nn.Module`` entry through ``torch.compile`` (a row
             ``"<name> compiled"``; compilation happens in the warm-up and is not timed).
+        dense_exports: when the first entry is an ``nn.Module``, export it (to a temporary
+            folder) to the format of each exported file whose runtime no earlier entry runs
+            in, with the file's batch setting, so that the file's speed-up is against the
+            dense model in its own runtime, not against eager PyTorch. False: such files are
+            compared with the first entry (the ``vs`` column says so).
+        noisy_iqr: a row whose interquartile range exceeds this fraction of its median (or
+            whose baseline's does) has the status ``"noisy: ..."``.
 
     MACs and params are torch-pruning's counts per sample: counted on the module for
     ``nn.Module`` entries, read from the record :func:`fxgndi.export` stores in an artifact
@@ -157,8 +181,8 @@ def bench(models: Mapping[str, Any], *, input_shape: Sequence[int],
     Example:
         >>> report = bench({"linear": nn.Linear(8, 2)}, input_shape=(8,), batch_sizes=(1, 4),
         ...                repeat=3)
-        >>> [(r.batch, r.speedup) for r in report.rows]
-        [(1, 1.0), (4, 1.0)]
+        >>> [(r.batch, r.speedup, r.baseline) for r in report.rows]
+        [(1, 1.0, 'linear'), (4, 1.0, 'linear')]
     """
     dev = torch.device(device or "cpu")
     shape = [int(s) for s in input_shape]
@@ -168,22 +192,45 @@ def bench(models: Mapping[str, Any], *, input_shape: Sequence[int],
         raise ValueError(f"batch_sizes must be positive integers, not {batch_sizes!r}")
     if warmup < 0 or repeat < 1:
         raise ValueError(f"need warmup >= 0 and repeat >= 1, not {warmup} and {repeat}")
-    entries = _entries(models, dev, shape, threads or torch.get_num_threads(), compile)
+    if not noisy_iqr > 0:
+        raise ValueError(f"noisy_iqr must be > 0 (a fraction of the median), not {noisy_iqr}")
     rows: list[BenchRow] = []
-    with torch_threads(threads), torch.inference_mode():
-        for batch in batch_sizes:
-            x = torch.randn([int(batch), *shape], generator=torch.Generator().manual_seed(seed))
-            base = None
-            for entry in entries:
-                row = _measure(entry, x.to(dev), dev, warmup, repeat)
-                base = row.median_ms if base is None else base
-                row.speedup = base / row.median_ms
-                rows.append(row)
+    with tempfile.TemporaryDirectory(prefix="fxgndi-bench-") as folder:
+        entries = _entries(models, dev, shape, threads or torch.get_num_threads(), compile)
+        if dense_exports:
+            entries = _with_dense_exports(entries, next(iter(models.values())), folder, dev,
+                                          shape, threads or torch.get_num_threads())
+        _unique_names(entries)
+        _choose_baselines(entries)
+        with torch_threads(threads), torch.inference_mode():
+            for batch in batch_sizes:
+                x = torch.randn([int(batch), *shape],
+                                generator=torch.Generator().manual_seed(seed))
+                measured = {e.name: _measure(e, x.to(dev), dev, warmup, repeat)
+                            for e in entries}
+                for row in measured.values():
+                    _compare(row, measured[row.baseline], noisy_iqr)
+                rows.extend(measured.values())
     settings = {"device": str(dev), "input_shape": shape, "batch_sizes": list(batch_sizes),
                 "threads": threads if threads is not None else torch.get_num_threads(),
                 "warmup": warmup, "repeat": repeat, "memory": _memory_method(dev),
-                "torch": torch.__version__}
+                "noisy_iqr": noisy_iqr, "torch": torch.__version__}
     return BenchReport(rows=rows, settings=settings)
+
+
+def _compare(row: BenchRow, base: BenchRow, noisy_iqr: float) -> None:
+    """Speed-up against ``base``, and the noisy flag: this row's or its baseline's IQR above
+    ``noisy_iqr`` of the median."""
+    row.speedup = base.median_ms / row.median_ms
+    if not row.status == "ok":
+        return
+    why = []
+    for label, whose, r in (("IQR", "the", row), (f"baseline {base.name!r} IQR", "its", base)):
+        spread = r.iqr_ms / r.median_ms
+        if spread > noisy_iqr and (r is row or base is not row):
+            why.append(f"{label} {spread:.0%} of {whose} median")
+    if why:
+        row.status = "noisy: " + "; ".join(why)
 
 
 @dataclass
@@ -194,6 +241,69 @@ class _Entry:
     macs: int | None = None
     params: int | None = None
     error: str | None = None
+    info: dict[str, Any] | None = None  # an exported file's record (None: not a file)
+    baseline: str | None = None
+
+
+def _with_dense_exports(entries: list[_Entry], dense: Any, folder: str, device: torch.device,
+                        shape: list[int], threads: int) -> list[_Entry]:
+    """``entries`` with, before each exported file whose runtime no earlier entry runs in,
+    the dense model exported to the file's format, batch setting and input shape."""
+    if not isinstance(dense, nn.Module) or isinstance(dense, torch.jit.ScriptModule):
+        return entries
+    out: list[_Entry] = []
+    made: dict[tuple, _Entry] = {}
+    for entry in entries:
+        if (entry.info is not None and entry.run is not None and entry.kind != "eager"
+                and all(e.kind != entry.kind for e in out)):
+            fmt = entry.info.get("format")
+            suffix = next((k for k, v in EXPORT_FORMATS.items() if v == fmt), None)
+            if suffix is not None:
+                dynamic = entry.info.get("dynamic_batch", True)
+                batch = None if dynamic else entry.info.get("batch_size")
+                key = (suffix, batch)
+                if key not in made:
+                    made[key] = _dense_export(entries[0].name, dense, suffix, batch, folder,
+                                              device, shape, threads)
+                    out.append(made[key])
+                entry.baseline = made[key].name if made[key].run is not None else None
+        out.append(entry)
+    return out
+
+
+def _dense_export(name: str, dense: nn.Module, suffix: str, batch: int | None, folder: str,
+                  device: torch.device, shape: list[int], threads: int) -> _Entry:
+    label = f"{name} as {suffix}" + (f", batch {batch}" if batch else "")
+    path = os.path.join(folder, f"dense-{len(os.listdir(folder))}{suffix}")
+    try:
+        model, _ = on_device(dense, device)
+        example = torch.randn([batch or 2, *shape], device=device)
+        export(model, path, example_inputs=example, dynamic_batch=batch is None)
+        entry = _entry(label, path, device, shape, threads)
+    except Exception as exc:  # the file's row then says which baseline it got instead
+        return _Entry(label, _KINDS.get(EXPORT_FORMATS[suffix], "?"), None,
+                      error=f"export failed: {_reason(exc)}")
+    return entry
+
+
+def _unique_names(entries: list[_Entry]) -> None:
+    """Rows that fxgndi adds (``compiled``, ``as .onnx``) may repeat a user's name."""
+    seen: set[str] = set()
+    for entry in entries:
+        name, k = entry.name, 2
+        while entry.name in seen:
+            entry.name, k = f"{name} ({k})", k + 1
+        seen.add(entry.name)
+
+
+def _choose_baselines(entries: list[_Entry]) -> None:
+    """Each entry's baseline, where ``_with_dense_exports`` set none: the first runnable
+    entry before it of the same runtime, else the first entry."""
+    for k, entry in enumerate(entries):
+        if entry.baseline is None:
+            entry.baseline = next((e.name for e in entries[:k]
+                                   if e.kind == entry.kind and e.run is not None),
+                                  entries[0].name)
 
 
 def _entries(models: Mapping[str, Any], device: torch.device, shape: list[int],
@@ -219,11 +329,12 @@ def _entry(name: str, obj: Any, device: torch.device, shape: list[int],
             raise RuntimeError("fxgndi runs .onnx files on onnxruntime's CPU provider only")
         if isinstance(loaded, nn.Module) and not isinstance(loaded, OnnxModule):
             loaded = loaded.to(device)
-        kind = info.get("format") or os.path.splitext(os.fspath(obj))[1].lstrip(".")
+        kind = info.get("format") or format_of(obj)
         macs = info.get("macs") if info.get("input_shapes", [None])[0] == shape else None
         if kind == "state_dict":  # a real module: count it like any eager one
             return _module_entry(name, loaded, device, shape)
-        return _Entry(name, _KINDS.get(kind, kind), loaded, macs, info.get("params"))
+        return _Entry(name, _KINDS.get(kind, kind), loaded, macs, info.get("params"),
+                      info={"format": kind, **info})
     if isinstance(obj, torch.export.ExportedProgram):
         params = sum(t.numel() for t in obj.state_dict.values())
         return _Entry(name, "torch.export", obj.module().to(device), None, params)
@@ -276,7 +387,7 @@ def _session_runner(session: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 def _measure(entry: _Entry, x: torch.Tensor, device: torch.device, warmup: int,
              repeat: int) -> BenchRow:
     row = BenchRow(name=entry.name, kind=entry.kind, batch=len(x), macs=entry.macs,
-                   params=entry.params)
+                   params=entry.params, baseline=entry.baseline or entry.name)
     if entry.run is None:
         row.status = f"unavailable: {entry.error}"
         return row

@@ -12,7 +12,9 @@ Four formats, chosen by the file suffix:
 
 Every export is written to a temporary file in the target directory, loaded back, run once on
 the example inputs and compared with the eager model, then renamed into place: a failed or
-interrupted export leaves no file behind. Each artifact also carries a small JSON record
+interrupted export leaves no file behind. Exports in one process take turns (the exporters'
+tracing state is global); concurrent exports to one path each write their own temporary file,
+and the last to finish is the file that stays. Each artifact also carries a small JSON record
 (``fxgndi.json``: MACs and parameters counted by torch-pruning, the example input shape, the
 torchvision name when known) that :func:`artifact_info` reads and :func:`fxgndi.bench` reports.
 """
@@ -23,6 +25,7 @@ import contextlib
 import copy
 import json
 import os
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -42,6 +45,7 @@ from fxgndi.core.runtime import eval_mode
 FORMATS = EXPORT_FORMATS
 _INFO_NAME = "fxgndi.json"  # name of the metadata record inside each artifact
 _ONNX_OPSET = 17  # the first opset with LayerNormalization (ViT, ConvNeXt)
+_ONE_AT_A_TIME = threading.RLock()  # exports of one process, whatever their paths
 
 
 class ExportError(FxgndiError, ValueError):
@@ -138,7 +142,9 @@ def export(model: nn.Module, path: str | os.PathLike, *,
         check_finite(expected, "the model's output on example_inputs",
                      fix="check the weights and the inputs before exporting")
         info = _info(model, inputs, fmt, dynamic_batch, model_name, model_kwargs)
-        with atomic_path(path) as tmp:  # also on Ctrl-C: never a partial file at ``path``
+        # torch.export, TorchScript and the ONNX exporter keep global tracing state: two
+        # exports in one process at once (threads) break each other, so they take turns.
+        with _ONE_AT_A_TIME, atomic_path(path) as tmp:  # never a partial file at ``path``
             # Not under no_grad: there nn.MultiheadAttention takes its fused inference path
             # (aten::_native_multi_head_attention), which the ONNX exporter cannot translate.
             _WRITERS[fmt](model, tmp, inputs, dynamic_batch, info)
@@ -287,7 +293,7 @@ def _format(path: str, format: str | None) -> str:
     if suffix not in FORMATS:
         raise ExportError(f"cannot tell the format of {path!r} from its suffix "
                           f"{suffix or '(none)'!r}: end the name with one of "
-                          f"{', '.join(FORMATS)}, or pass format=")
+                          f"{', '.join(FORMATS)}, or pass format= (the CLI's --format)")
     return FORMATS[suffix]
 
 
@@ -332,7 +338,8 @@ def _info(model: nn.Module, inputs: tuple[torch.Tensor, ...], fmt: str, dynamic_
           name: str | None, kwargs: dict[str, Any] | None) -> dict[str, Any]:
     macs, params = count_macs_params(model, tuple(t[:1] for t in inputs))
     return {"format": fmt, "input_shapes": [list(t.shape[1:]) for t in inputs],
-            "dynamic_batch": dynamic_batch or fmt == "state_dict", "macs": int(macs),
+            "dynamic_batch": dynamic_batch or fmt == "state_dict",
+            "batch_size": int(inputs[0].shape[0]), "macs": int(macs),
             "params": int(params), "model_name": name, "model_kwargs": dict(kwargs or {}),
             "torch": torch.__version__}
 

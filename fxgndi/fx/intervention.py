@@ -27,7 +27,7 @@ from fxgndi.core.names import BASELINES, GRANULARITIES
 from fxgndi.core.outputs import OutputSpec, select_output
 from fxgndi.core.report import format_table
 from fxgndi.core.runtime import eval_mode
-from fxgndi.core.streams import iter_batches
+from fxgndi.core.streams import batch_count, iter_batches
 from fxgndi.fx.sites import Site, SiteSpec, default_channel_dim, select_sites
 from fxgndi.fx.trace import trace
 
@@ -323,7 +323,8 @@ def calibrate(graph: InterventionGraph, data: Iterable, *, kind: str = "channel-
     dtypes: dict[str, torch.dtype] = {}
     batches = iter_batches(data, device=device, max_batches=max_batches)
     with eval_mode(graph), torch.no_grad():
-        for i, (x, _) in enumerate(tqdm(batches, desc="calibrate", disable=not progress)):
+        for i, (x, _) in enumerate(tqdm(batches, desc="calibrate", disable=not progress,
+                                        total=batch_count(data, max_batches), unit="batch")):
             with observe(graph) as seen:
                 graph(x)
             if i == 0:

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -86,7 +86,8 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *,
     labels = unit_names(units)
     chosen, plan, costs = mode, {}, {}
 
-    def norms_of_batch(x: torch.Tensor, y: torch.Tensor | None, index: int) -> torch.Tensor:
+    def norms_of_batch(x: torch.Tensor, y: torch.Tensor | None, index: int,
+                       tick: Callable[[float], None]) -> torch.Tensor:
         nonlocal chosen
         if y is not None:
             check_labels(graph(x[:1]), y)
@@ -98,9 +99,10 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *,
             generator = torch.Generator().manual_seed(batch_seed(opts.seed, index))
             z = (2 * torch.randint(0, 2, (probes, x.shape[0], k_out), generator=generator) - 1)
 
-        def step(xs, ys, chunk, lo=0):
+        def step(xs, ys, chunk, lo=0):  # a path point of this piece: its share of a step
             return unit_norms(graph, xs, ys, readout, chosen, units, p, steps, chunk,
-                              None if z is None else z[:, lo:lo + xs.shape[0]])
+                              None if z is None else z[:, lo:lo + xs.shape[0]],
+                              lambda: tick(xs.shape[0] / x.shape[0]))
 
         def trial(xs, ys, n):  # the step on n vmapped copies (outputs, probes or units)
             if chosen == "reverse":
@@ -127,7 +129,9 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *,
     with eval_mode(graph), torch.no_grad():
         stats = accumulate(data, units, norms_of_batch, opts, device=device,
                            need_labels=readout in ("loss", "margin"),
-                           why=f"readout '{readout}'", desc="G-NDI", settings=settings)
+                           why=f"readout '{readout}'", settings=settings,
+                           desc="G-NDI" if steps == 1 else f"G-NDI ({steps} path points)",
+                           steps_per_batch=steps)
     meta = {"readout": readout, "p": p, "steps": steps, "mode": chosen,
             "baseline": baseline_name, "granularity": graph.granularity,
             **memory_meta(opts.max_memory, plan)}
@@ -176,7 +180,8 @@ def ablate(model: nn.Module | InterventionGraph, data: Iterable, *,
         graph(xs)
         list(ablated_outputs(graph, xs, units[:n], n))
 
-    def effects_of_batch(x: torch.Tensor, y: torch.Tensor | None, index: int) -> torch.Tensor:
+    def effects_of_batch(x: torch.Tensor, y: torch.Tensor | None, index: int,
+                         tick: Callable[[float], None]) -> torch.Tensor:
         piece, chunk = plan_step(trial, x, y, len(units), opts.max_memory, opts.chunk_size,
                                  costs.setdefault(tuple(x.shape[1:]), {}))
         plan.update(samples_per_step=piece, chunk=chunk)

@@ -25,13 +25,17 @@ from fxgndi.gndi.scores import Unit
 
 
 def accumulate(data: Iterable, units: Sequence[Unit],
-               per_batch: Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor],
+               per_batch: Callable[[torch.Tensor, torch.Tensor | None, int,
+                                    Callable[[float], None]], torch.Tensor],
                run: RunOptions, *, device: torch.device, need_labels: bool, why: str,
-               desc: str, settings: dict[str, Any]) -> RunningMoments:
+               desc: str, settings: dict[str, Any], steps_per_batch: int = 1
+               ) -> RunningMoments:
     """The one accumulation path of score and ablate: this rank's batches (resumed where a
     saved state left off), per-sample values into running sums, the sums saved to
     ``run.run_state`` every ``run.save_every`` batches and on interruption, then summed over
-    ranks. ``per_batch(x, y, index)`` gives the [B, units] values of batch ``index``."""
+    ranks. ``per_batch(x, y, index, tick)`` gives the [B, units] values of batch ``index``;
+    the progress bar counts ``steps_per_batch`` steps per batch (path points), of which
+    ``tick(n)`` reports ``n`` done (it may be a fraction: part of a batch)."""
     rank, world = rank_and_world()
     stats = RunningMoments(len(units))
     settings = {**settings, "world": world}
@@ -52,14 +56,20 @@ def accumulate(data: Iterable, units: Sequence[Unit],
     batches = iter_batches(my_batches(data, start=done, max_batches=run.max_batches),
                            device=device, need_labels=need_labels, why=why,
                            allow_empty=world > 1 or done > 0)
+    total = _rank_share(batch_count(data, run.max_batches), world)
+    work = max(1, steps_per_batch)
+    bar = tqdm(desc=desc, disable=not run.progress or rank != 0, initial=done * work,
+               total=None if total is None else total * work,
+               unit="batch" if work == 1 else "step")
     try:
-        for x, y in tqdm(batches, desc=desc, disable=not run.progress or rank != 0,
-                         initial=done,
-                         total=_rank_share(batch_count(data, run.max_batches), world)):
-            stats.update(per_batch(x, y, rank + done * world))
-            done += 1
-            if done % run.save_every == 0:
-                save()
+        with bar:
+            for x, y in batches:
+                stats.update(per_batch(x, y, rank + done * world, _ticker(bar)))
+                done += 1
+                bar.update(done * work - bar.n)
+                bar.n = done * work  # whole steps (an int), whatever the ticks summed to
+                if done % run.save_every == 0:
+                    save()
     except BaseException:
         save()  # what was summed so far is consistent: keep it for --resume
         raise
@@ -69,6 +79,11 @@ def accumulate(data: Iterable, units: Sequence[Unit],
     if stats.count == 0:
         raise DataError("the data yielded no batches (empty loader?): pass at least one batch")
     return stats
+
+
+def _ticker(bar: Any) -> Callable[[float], None]:
+    """``bar.update``, keeping whole steps integers (so that the bar shows 3/8, not 3.0/8)."""
+    return lambda n: bar.update(int(n) if float(n).is_integer() else n)
 
 
 def _rank_share(n: int | None, world: int) -> int | None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from fxgndi.core.names import METRIC_EFFECTS
 from fxgndi.core.report import format_table, pyplot, save_figure
 
 Unit = tuple[str, "int | None"]
@@ -109,6 +110,23 @@ class Scores:
                       for (s, c), v, e in zip(self.units, self.values, self.stderr)],
         }
 
+    @property
+    def quantity(self) -> str:
+        """What the values measure: the ablation's effect (``"accuracy drop"``, ``"loss
+        increase"``, ``"logit L2 change"``, ``"KL(original || ablated)"``), or G-NDI with its
+        readout and norm.
+
+        Example:
+            >>> s = Scores([], np.zeros(0), np.zeros(0), 0, "ablation", meta={"metric": "loss"})
+            >>> s.quantity
+            'loss increase'
+        """
+        if "metric" in self.meta:
+            return METRIC_EFFECTS.get(self.meta["metric"], self.meta["metric"])
+        if self.importance == "gndi" and "readout" in self.meta:
+            return f"G-NDI ({self.meta['readout']}, p={self.meta.get('p', 2):g})"
+        return self.importance
+
     def plot(self, path: str | os.PathLike, *, k: int = 40) -> None:
         """Bar chart of the values (the top ``k`` at channel granularity) with error bars."""
         plt = pyplot()
@@ -121,6 +139,6 @@ class Scores:
         fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names)), 4))
         ax.bar(range(len(names)), vals, yerr=errs, color="#3b6ea5")
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-        ax.set_ylabel(self.meta.get("metric", self.importance))
+        ax.set_ylabel(self.quantity)
         ax.set_title(f"{self.importance}: {self.granularity} importance")
         save_figure(fig, path)

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn  # noqa: F401  (doctests)
@@ -79,15 +79,20 @@ def forward_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor 
     return torch.cat(outs, 0).movedim(0, 1)
 
 
-def unit_norms(graph, x, y, kind, mode, units, p, steps, chunk, z) -> torch.Tensor:
-    """Per-sample p-norms [B, U] of the tangents of ``units`` on one batch, in ``mode``."""
+def unit_norms(graph, x, y, kind, mode, units, p, steps, chunk, z,
+               on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """Per-sample p-norms [B, U] of the tangents of ``units`` on one batch, in ``mode``;
+    ``on_step()`` after each of the ``steps`` path points."""
     if mode == "reverse":
         return norms_of(reverse_tangents(graph, x, y, kind, chunk), units, p)
     if mode == "probe":
         return probe_norms(graph, x, y, kind, z, chunk, units)
-    tangents = [forward_tangents(graph, x, y, kind, units,
-                                 (j + 0.5) / steps if steps > 1 else 0.0, chunk)
-                for j in range(steps)]
+    tangents = []
+    for j in range(steps):
+        tangents.append(forward_tangents(graph, x, y, kind, units,
+                                         (j + 0.5) / steps if steps > 1 else 0.0, chunk))
+        if on_step is not None:
+            on_step()
     return torch.linalg.vector_norm(torch.stack(tangents).mean(0), ord=p, dim=-1)
 
 

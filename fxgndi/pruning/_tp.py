@@ -3,9 +3,10 @@
 fxgndi builds on torch-pruning's public API (``DependencyGraph``, ``BasePruner``, the pruning
 functions and importances) and needs a few of its internals besides: the dependency graph a
 group belongs to (``group._DG``), which handlers prune inputs or outputs, the module-to-node
-map, and the score normalisation of its importances (``Importance._normalize``). They are
-reached only through the functions here, checked against the versions fxgndi was tested with
-(:data:`TESTED`): on another version a missing internal is a clear error naming it.
+map, a node's dependency list (to couple tied layers), and the score normalisation of its
+importances (``Importance._normalize``). They are reached only through the functions here,
+checked against the versions fxgndi was tested with (:data:`TESTED`): on another version a
+missing internal is a clear error naming it.
 
 Example:
     >>> tested_version()
@@ -108,6 +109,40 @@ def traced_modules(dg: Any) -> Iterator[nn.Module]:
         2
     """
     return iter(_internal(dg, "module2node"))
+
+
+def couple(dg: Any, first: nn.Module, first_outputs: bool, second: nn.Module,
+           second_outputs: bool) -> None:
+    """Make pruning ``first``'s output (``first_outputs``) or input channels prune the same
+    channels of ``second``'s outputs or inputs, and the other way round: a dependency the
+    traced graph cannot see (a parameter both layers hold). Raises ValueError when a layer has
+    no node in the graph (it is not called in the forward).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(),
+        ...                     nn.Linear(3, 1))
+        >>> dg = tp.DependencyGraph().build_dependency(net, example_inputs=torch.zeros(1, 2))
+        >>> couple(dg, net[0], True, net[2], True)
+        >>> g = dg.get_pruning_group(net[0], tp.prune_linear_out_channels, [0])
+        >>> names = {m: n for n, m in net.named_modules()}
+        >>> sorted((names[i.dep.target.module], i.dep.handler.__name__) for i in g
+        ...        if isinstance(i.dep.target.module, nn.Linear))  # doctest: +NORMALIZE_WHITESPACE
+        [('0', 'prune_out_channels'), ('2', 'prune_in_channels'), ('2', 'prune_out_channels'),
+         ('4', 'prune_in_channels')]
+    """
+    module2node = _internal(dg, "module2node")
+    for layer in (first, second):
+        if layer not in module2node:
+            raise ValueError(f"{type(layer).__name__} is not called in the traced forward")
+
+    def fn(layer: nn.Module, outputs: bool) -> Any:
+        pruner = dg.get_pruner_of_module(layer)
+        return pruner.prune_out_channels if outputs else pruner.prune_in_channels
+
+    a, b = module2node[first], module2node[second]
+    a_fn, b_fn = fn(first, first_outputs), fn(second, second_outputs)
+    _internal(a, "dependencies").append(tp.Dependency(a_fn, b_fn, source=a, target=b))
+    _internal(b, "dependencies").append(tp.Dependency(b_fn, a_fn, source=b, target=a))
 
 
 def consumer_items(group: Any) -> list[tuple[nn.Module, list[int], list[int]]]:

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 
-from fxgndi.core.checks import check_choice, check_fraction
+from fxgndi.core.checks import check_choice, check_count, check_fraction
 from fxgndi.core.cost import count_macs_params
 from fxgndi.core.errors import FxgndiError, UntraceableModelError
 from fxgndi.core.layers import BATCHNORMS, LAYERS, in_width, out_width
@@ -35,6 +35,7 @@ from fxgndi.pruning.importance import (AblationImportance, GNDIImportance,
                                        GroupEffectImportance, check_importance_length)
 from fxgndi.pruning.repair import Repair, as_repair, repair_model
 from fxgndi.pruning.result import PruneResult
+from fxgndi.pruning.ties import Ties
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -100,6 +101,9 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
     opts = run_options("prune", run, progress=False)
     fixes = as_repair(repair)
     _check_arguments(sparsity, target, importance, iterative_steps, tolerance)
+    Ties(model, compensate=fixes.compensate)  # refuses, before any work, ties it cannot keep
+    check_count("round_to", round_to, allow_none=True,
+                meaning=" (channel counts are kept multiples of it)")
     device = device_of(model)
     example = example_input(data, opts.example_inputs, device)
     plan = architectures.plan_for(model)
@@ -210,6 +214,7 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
     checked = _CheckedImportance(importance)
     tracker = _ChannelTracker(model)
     plan = architectures.plan_for(model)
+    ties = Ties(model, compensate=compensate)
     with eval_mode(model), torch.random.fork_rng(devices=_cuda(model)), \
             torch.enable_grad():
         torch.manual_seed(seed)
@@ -227,6 +232,7 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
                 f"{type(model).__name__}: {type(exc).__name__}: {exc}. Fix: put the layers "
                 "around the unsupported operation (often a reshape, e.g. a channel shuffle) "
                 "in ignored_layers, or try another example_inputs size") from exc
+        ties.couple(pruner.DG)
         for _ in range(iterative_steps):
             _prepare_gradients(importance, model, data, max_batches)
             means = consumer_input_means(model, data, max_batches=max_batches) \
@@ -236,6 +242,7 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
                     compensate_group(group, means)
                 tracker.update(group)
                 group.prune()
+                ties.retie()
             for p in model.parameters():
                 p.grad = None
     for fix in plan.after:

@@ -101,3 +101,25 @@ def test_help_imports_no_heavy_package(argv):
                          check=True).stdout
     assert "usage: fxgndi" in out
     assert out.strip().splitlines()[-1] == "LOADED []"
+
+
+@pytest.mark.parametrize("metric, label", [("accuracy", "accuracy drop"),
+                                           ("loss", "loss increase"),
+                                           ("logit_l2", "logit L2 change"),
+                                           ("kl", "KL(original || ablated)")])
+def test_ablate_plot_labels_the_effect_and_says_where_it_went(capsys, tmp_path, monkeypatch,
+                                                              metric, label):
+    import fxgndi.gndi.scores as scores
+    labels = []
+    save = scores.save_figure
+    monkeypatch.setattr(scores, "save_figure",
+                        lambda fig, path: labels.append(fig.axes[0].get_ylabel()) or
+                        save(fig, path))
+    plot = tmp_path / "ablate.png"
+    assert main(["ablate", *COMMON, "--sites", "layer4.*", "--metric", metric, "--plot",
+                 str(plot), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["importance"] == "ablation"  # stdout stays JSON
+    assert labels == [label]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert f"plot written to {plot}" in err

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -260,3 +261,43 @@ def test_cli_prune_refuses_an_unknown_suffix_before_any_work(tmp_path, capsys):
     assert code == 1
     assert "suffix" in capsys.readouterr().err
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx", ".ts"])
+def test_two_threads_exporting_to_one_path_both_succeed_and_the_file_loads(tmp_path, suffix):
+    # torch.export and the ONNX exporter keep global tracing state: side by side in one
+    # process they used to break each other ("could not capture the model").
+    path, outcomes = tmp_path / f"m{suffix}", []
+    models = [make_tiny(), randomize_batchnorm(make_tiny())]
+
+    def work(model):
+        try:
+            outcomes.append(export(model, path, example_inputs=torch.randn(2, 2, 8, 8)))
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(not isinstance(o, Exception) for o in outcomes), outcomes
+    assert _leftovers(tmp_path) == [path.name]
+    x = torch.randn(3, 2, 8, 8)
+    with torch.no_grad():
+        got, expected = load(path)(x), [m(x) for m in models]
+    # the file is whole: one of the two models, exactly
+    assert any(torch.allclose(got, e, rtol=1e-4, atol=1e-5) for e in expected)
+
+
+def test_cli_format_overrides_the_suffix(tmp_path, capsys):
+    from fxgndi.app.cli import main
+    out = tmp_path / "r18.bin"
+    argv = ["export", "--model", "resnet18", "--num-classes", "10", "--limit", "2",
+            "--out", str(out), "--quiet"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "suffix '.bin'" in err and "--format" in err and err.count("\n") == 1
+    assert main([*argv, "--format", "ts", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "torchscript"
+    assert load(out, format="ts")(torch.randn(1, 3, 32, 32)).shape == (1, 10)

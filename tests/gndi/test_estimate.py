@@ -237,3 +237,32 @@ def test_non_finite_activations_are_reported(tiny):
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="NaN or Inf in G-NDI tangents at conv1"):
         fxgndi.score(tiny, [x], progress=False)
+
+
+def test_progress_bars_have_totals_of_batches_times_path_points(tiny, capsys):
+    data = [torch.randn(3, 2, 6, 6) for _ in range(2)]
+    fxgndi.score(tiny, data, steps=4, baseline="channel-mean", progress=True)
+    bars = capsys.readouterr().err.replace("\r", "\n")
+    # 2 batches x 4 path points, with an ETA; calibration counts its 2 batches too
+    assert "G-NDI (4 path points): 100%" in bars and " 8/8 [" in bars, bars
+    assert "calibrate: 100%" in bars and " 2/2 [" in bars and "0it" not in bars, bars
+
+
+def test_each_path_point_moves_the_progress_bar(tiny, monkeypatch):
+    import fxgndi.gndi.run as run
+    seen = []
+
+    class Recording(run.tqdm):
+        def update(self, n=1):
+            out = super().update(n)
+            seen.append(self.n)
+            return out
+
+    monkeypatch.setattr(run, "tqdm", Recording)
+    data = [torch.randn(4, 2, 6, 6) for _ in range(2)]
+    fxgndi.score(tiny, data, steps=4, progress=True)
+    assert sorted(set(seen)) == [1, 2, 3, 4, 5, 6, 7, 8]
+    # under a memory budget a batch is scored in pieces: each piece ticks its share
+    seen.clear()
+    fxgndi.score(tiny, data, steps=2, progress=True, max_memory="30KB")
+    assert seen[-1] == 4 and any(not float(n).is_integer() for n in seen), seen
