@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fxgndi.core.errors import DataError
-from fxgndi.core.layers import in_width
+from fxgndi.core.layers import in_width, tied_parameters
 from fxgndi.core.runtime import device_of, eval_mode
 from fxgndi.core.streams import iter_batches
 
@@ -142,8 +142,12 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, data: Iterable, *,
     names = list(consumers(pruned, dense) if layers is None else layers)
     pruned_modules, dense_modules = dict(pruned.named_modules()), dict(dense.named_modules())
     order, calls = _run_order(pruned, data, names)
+    tied = {holder for holders in tied_parameters(pruned) for holder, _ in holders}
     for name in names:
-        if calls.get(name, 0) != 1:
+        if name in tied:
+            report.skipped[name] = ("holds a parameter tied to another layer: a refit of one "
+                                    "holder would change the others")
+        elif calls.get(name, 0) != 1:
             report.skipped[name] = ("not run by the forward pass" if not calls.get(name) else
                                     f"called {calls[name]} times per forward: one refit "
                                     "cannot match every call")
