@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -61,7 +62,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated",
                             category=FutureWarning)
     try:
-        _check_outputs(args)
+        _check_before_work(args)
+    except Exception as exc:  # under torchrun every rank fails here: rank 0 says why
+        if args.debug:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"fxgndi: error: {exc}", file=sys.stderr)
+        else:  # torchrun stops every process when one exits: give rank 0 time to say why
+            time.sleep(1.0)
+        return 1
+    try:
         args.device = init_from_env(args.device)
         args.run(args)
         _report_skipped(args)
@@ -262,6 +272,17 @@ def _long_run_kwargs(args) -> dict[str, Any]:
         raise ValueError("--resume needs --run-state PATH, the file the interrupted run saved")
     return {"max_memory": args.max_memory, "run_state": args.run_state, "resume": args.resume,
             "save_every": args.save_every}
+
+
+def _check_before_work(args) -> None:
+    """Fail before any loading, tracing or process-group set-up when the device cannot be used
+    or an output file could not be written."""
+    from fxgndi.core.runtime import check_device
+    from fxgndi.gndi.distributed import launched_by_torchrun
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) \
+        if launched_by_torchrun() else None
+    check_device(args.device, processes_per_node=per_node)
+    _check_outputs(args)
 
 
 def _check_outputs(args) -> None:

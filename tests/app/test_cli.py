@@ -101,3 +101,41 @@ def test_help_imports_no_heavy_package(argv):
                          check=True).stdout
     assert "usage: fxgndi" in out
     assert out.strip().splitlines()[-1] == "LOADED []"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "garbage", "cpu:3"])
+def test_an_unusable_device_is_one_line_before_any_work(device, capsys, monkeypatch):
+    import fxgndi.app.cli as cli
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("loaded data or a model before checking the device")
+
+    monkeypatch.setattr(cli, "_load", no_work)
+    monkeypatch.setattr(cli, "_model", no_work)
+    for command in (["score", *COMMON], ["prune", *COMMON], ["bench", "--model", "resnet18"]):
+        assert main([*command, "--device", device]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"fxgndi: error: device '{device}'") or \
+            err.startswith(f"fxgndi: error: unknown device '{device}'")
+        assert err.count("\n") == 1
+
+
+def test_the_cpu_device_by_index_runs(capsys):
+    assert main(["sites", *COMMON, "--sites", "block", "--device", "cpu:0"]) == 0
+    assert "layer4.1" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_under_torchrun_an_unusable_device_is_one_line_from_rank_0(tmp_path):
+    """Two real torchrun processes: the device is refused before the process group forms,
+    and only rank 0 prints (torchrun's own failure report follows it)."""
+    import os
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", "0", "-m", "fxgndi", "score", *COMMON, "--device", "cuda"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert run.returncode != 0
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if "fxgndi: error" in line]
+    assert lines == [lines[0]] and "CUDA is not available here" in lines[0]
