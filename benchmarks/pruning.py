@@ -12,8 +12,9 @@ channel ratio is searched until the MACs removed are within 2% of the point), un
 ranking scope (per-group local ratio, or ``--global``). Three accuracies per pruned model:
 ``acc`` as pruned; ``acc BN-recal``: the same model after
 :func:`fxgndi.pruning.recalibrate.recalibrate_bn` on the scoring samples (running statistics
-only, no weight changes); ``acc FT``: the pruned model (without recalibration) after
-``--finetune-epochs`` of :func:`fxgndi.pruning.finetune.train_classifier` on the whole train split.
+only, no weight changes); ``acc FT``: the pruned model after ``--finetune-epochs`` of
+:func:`fxgndi.pruning.finetune.fine_tune` on the whole train split (BatchNorm recalibrated on it
+first, then trained at peak rate ``--lr``, default ``FINETUNE_LR``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from fxgndi.pruning.width import make_importance, prune
 from fxgndi.pruning.recalibrate import recalibrate_bn
 from fxgndi.core.report import format_table, pyplot, save_figure
 from fxgndi.app.zoo import digits_resnet18
-from fxgndi.pruning.finetune import evaluate, train_classifier
+from fxgndi.pruning.finetune import FINETUNE_LR, evaluate, fine_tune
 
 
 class Criterion(NamedTuple):
@@ -123,8 +124,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                 # a fresh loader each time: every criterion fine-tunes on the same batch order
                 train = load_data(args.data, split="train", batch_size=64, seed=0,
                                   limit=args.train_limit, image_size=args.image_size)
-                train_classifier(r.model, train, epochs=args.finetune_epochs, lr=args.lr,
-                                 progress=False)
+                fine_tune(r.model, train, epochs=args.finetune_epochs, lr=args.lr,
+                          progress=False)
                 row["acc_ft"] = evaluate(r.model, test)["accuracy"]
             rows.append(row)
             if not args.quiet:
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--points", nargs="+", type=float, default=[1.5, 2.0, 3.0],
                         help="MAC reduction factors (2 = half the MACs)")
     parser.add_argument("--finetune-epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak lr")
+    parser.add_argument("--lr", type=float, default=FINETUNE_LR, help="fine-tuning peak lr")
     parser.add_argument("--samples", type=int, default=256,
                         help="train samples for scoring, compensation and BN recalibration")
     parser.add_argument("--ablation-samples", type=int, default=64,

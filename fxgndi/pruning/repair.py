@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import torch.nn as nn
 
 from fxgndi.core.runtime import eval_mode
-from fxgndi.pruning.finetune import train_classifier
+from fxgndi.pruning.finetune import fine_tune
 from fxgndi.pruning.recalibrate import recalibrate_bn
 
 
@@ -30,8 +30,9 @@ class Repair:
             :mod:`fxgndi.pruning.compensate`).
         recalibrate_bn: re-estimate every BatchNorm's running statistics on the data after
             pruning (:func:`fxgndi.pruning.recalibrate.recalibrate_bn`; no weight changes).
-        finetune: ``dict(epochs=..., lr=..., ...)`` for
-            :func:`fxgndi.pruning.finetune.train_classifier` on the data, last (None: none).
+        finetune: ``dict(epochs=..., lr=..., ...)`` for :func:`fxgndi.pruning.finetune.fine_tune`
+            on the data, last (None: none); it recalibrates BatchNorm first (unless
+            ``recalibrate_bn`` just did) and trains at peak rate ``FINETUNE_LR`` by default.
 
     Example:
         >>> Repair(recalibrate_bn=True).to_dict()
@@ -46,7 +47,7 @@ class Repair:
         finetune = self.finetune
         if finetune is not None and (not isinstance(finetune, dict) or "epochs" not in finetune):
             raise ValueError("finetune must be None or a dict with at least 'epochs', e.g. "
-                             "finetune=dict(epochs=1, lr=1e-3)")
+                             "finetune=dict(epochs=1)")
 
     def to_dict(self) -> dict[str, Any]:
         """The steps as a plain dict (for settings and JSON)."""
@@ -88,4 +89,6 @@ def repair_model(model: nn.Module, data: Iterable, repair: Repair, *,
         recalibrate_bn(model, data, max_batches=max_batches)
     if repair.finetune:
         with eval_mode(model):
-            train_classifier(model, data, **{"progress": progress, **repair.finetune})
+            fine_tune(model, data, **{"progress": progress,
+                                      "recalibrate": not repair.recalibrate_bn,
+                                      **repair.finetune})
