@@ -29,7 +29,8 @@ EXAMPLES = """examples:
   fxgndi ablate --model digits-resnet18 --data digits --metric accuracy --plot ablate.png
   fxgndi validate --model digits-resnet18 --data digits --granularity channel \\
       --baseline channel-mean --truth logit_l2 --plot validity.png
-  fxgndi prune --model digits-resnet18 --data digits --sparsity 0.5 --target macs
+  fxgndi prune --model digits-resnet18 --data digits --sparsity 0.5 --target macs \\
+      --finetune-epochs 1       # scores and fine-tunes on train, reports accuracy on test
   fxgndi prune --model resnet50 --data digits --importance l1 --target macs --out pruned.pt2
   fxgndi bench --model resnet50 --pruned pruned.pt2 --batch 1 32
   fxgndi export --model resnet18 --checkpoint r18.pt --num-classes 10 --out resnet18.onnx
@@ -97,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands")
 
     demo = _command(sub, "demo", _run_demo, "train (or load) the digits ResNet-18 and compare "
-                    "G-NDI with exact ablations", "fxgndi demo")
-    del demo
+                    "G-NDI with exact ablations", "fxgndi demo --out demo-out")
+    demo.add_argument("--out", default="demo-out", metavar="DIR",
+                      help="folder for what the demo makes: pruned models (.pt2), figures, "
+                           "demo.txt (all it printed), demo.md (its tables); default demo-out")
 
     sites = _command(sub, "sites", _run_sites, "list the intervention sites of a model",
                      "fxgndi sites --model resnet18 --data digits --sites block")
@@ -520,7 +523,11 @@ def _run_prune_depth(args) -> None:
 
 def _run_demo(args) -> None:
     from fxgndi.app.demo import run_demo
-    results = run_demo(progress=not args.quiet, print_fn=(lambda s: None) if args.json else print)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise FileExistsError(f"--out {args.out} is a file: the demo writes a folder there; "
+                              "pass another --out")
+    results = run_demo(out=args.out, progress=not args.quiet,
+                       print_fn=(lambda s: None) if args.json else print)
     if args.json:
         print(json.dumps(results, indent=2))
 
