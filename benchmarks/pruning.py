@@ -17,9 +17,10 @@ per pruned model: ``acc`` as pruned (``repair=False``); ``acc BN-recal``: a copy
 only, no weight changes); ``acc repair``: a copy after fxgndi's default repair on the scoring
 samples (:func:`fxgndi.pruning.repair.repair_model` with ``Repair()``: what ``fxgndi.prune``
 returns by default); ``acc FT``: the repaired copy after ``--finetune-epochs`` of
-:func:`fxgndi.pruning.finetune.train_classifier` on the whole train split. ``score s`` is the
-time the importance spent scoring (G-NDI scores the dense model once, at the first point),
-``repair s`` the repair's.
+:func:`fxgndi.pruning.finetune.fine_tune` on the whole train split (BatchNorm recalibrated on it
+first, then trained at peak rate ``--lr``, default ``FINETUNE_LR``). ``score s`` is the time the
+importance spent scoring (G-NDI scores the dense model once, at the first point), ``repair s``
+the repair's.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from fxgndi.pruning.recalibrate import recalibrate_bn
 from fxgndi.pruning.repair import Repair, repair_model
 from fxgndi.core.report import format_table, pyplot, save_figure
 from fxgndi.app.zoo import digits_model
-from fxgndi.pruning.finetune import evaluate, train_classifier
+from fxgndi.pruning.finetune import FINETUNE_LR, evaluate, fine_tune
 
 
 class Criterion(NamedTuple):
@@ -138,8 +139,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                 # a fresh loader each time: every criterion fine-tunes on the same batch order
                 train = load_data(args.data, split="train", batch_size=64, seed=0,
                                   limit=args.train_limit, image_size=args.image_size)
-                train_classifier(repaired, train, epochs=args.finetune_epochs, lr=args.lr,
-                                 progress=False)
+                fine_tune(repaired, train, epochs=args.finetune_epochs, lr=args.lr,
+                          progress=False)
                 row["acc_ft"] = evaluate(repaired, test)["accuracy"]
             rows.append(row)
             if not args.quiet:
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--points", nargs="+", type=float, default=[1.5, 2.0, 3.0, 4.0],
                         help="MAC reduction factors (2 = half the MACs)")
     parser.add_argument("--finetune-epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak lr")
+    parser.add_argument("--lr", type=float, default=FINETUNE_LR, help="fine-tuning peak lr")
     parser.add_argument("--samples", type=int, default=256,
                         help="train samples for scoring, compensation and BN recalibration")
     parser.add_argument("--ablation-samples", type=int, default=64,

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -28,7 +29,8 @@ EXAMPLES = """examples:
   fxgndi ablate --model digits-resnet18 --data digits --metric accuracy --plot ablate.png
   fxgndi validate --model digits-resnet18 --data digits --granularity channel \\
       --baseline channel-mean --truth logit_l2 --plot validity.png
-  fxgndi prune --model digits-resnet18 --data digits --sparsity 0.5 --target macs
+  fxgndi prune --model digits-resnet18 --data digits --sparsity 0.5 --target macs \\
+      --finetune-epochs 1       # scores and fine-tunes on train, reports accuracy on test
   fxgndi prune --model resnet50 --data digits --importance l1 --target macs --out pruned.pt2
   fxgndi bench --model resnet50 --pruned pruned.pt2 --batch 1 32
   fxgndi export --model resnet18 --checkpoint r18.pt --num-classes 10 --out resnet18.onnx
@@ -61,7 +63,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated",
                             category=FutureWarning)
     try:
-        _check_outputs(args)
+        _check_before_work(args)
+    except Exception as exc:  # under torchrun every rank fails here: rank 0 says why
+        if args.debug:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"fxgndi: error: {exc}", file=sys.stderr)
+        else:  # torchrun stops every process when one exits: give rank 0 time to say why
+            time.sleep(1.0)
+        return 1
+    try:
         args.device = init_from_env(args.device)
         args.run(args)
         _report_skipped(args)
@@ -87,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands")
 
     demo = _command(sub, "demo", _run_demo, "train (or load) the digits ResNet-18 and compare "
-                    "G-NDI with exact ablations", "fxgndi demo")
-    del demo
+                    "G-NDI with exact ablations", "fxgndi demo --out demo-out")
+    demo.add_argument("--out", default="demo-out", metavar="DIR",
+                      help="folder for what the demo makes: pruned models (.pt2), figures, "
+                           "demo.txt (all it printed), demo.md (its tables); default demo-out")
 
     sites = _command(sub, "sites", _run_sites, "list the intervention sites of a model",
                      "fxgndi sites --model resnet18 --data digits --sites block")
@@ -119,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "remove the least important channels with torch-pruning",
                       "fxgndi prune --model digits-resnet18 --data digits --sparsity 0.5 "
                       "--target macs --importance gndi")
-    _model_args(pruner)
+    _model_args(pruner, roles=True)
     pruner.add_argument("--sparsity", type=float, default=0.5,
                         help="fraction of channels / params / MACs to remove, in (0, 1)")
     pruner.add_argument("--target", default="channels", choices=PRUNE_TARGETS)
@@ -129,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep channel counts multiples of N (8 runs faster on CPUs)")
     pruner.add_argument("--compensate", action="store_true",
                         help="fold removed channels' means into the consumers' biases")
-    _recalibrate_arg(pruner)
+    _repair_args(pruner)
     pruner.add_argument("--out", default=None, metavar="PATH",
                         help="also export the pruned model: .pt2, .onnx, .ts or .pth")
     _format_arg(pruner)
@@ -137,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     depth = _command(sub, "prune-depth", _run_prune_depth,
                      "remove whole residual branches, least causally important first",
                      "fxgndi prune-depth --model digits-resnet18 --data digits --blocks 2")
-    _model_args(depth)
+    _model_args(depth, roles=True)
     depth.add_argument("--blocks", type=int, default=None, help="how many blocks to remove")
     depth.add_argument("--target", default=None, choices=DEPTH_TARGETS,
                        help="instead of --blocks: remove blocks until --sparsity of this is gone")
@@ -149,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what a removed branch becomes: nothing, or its per-channel mean")
     depth.add_argument("--no-greedy", dest="greedy", action="store_false",
                        help="rank once instead of re-scoring after each removal")
-    _recalibrate_arg(depth)
+    _repair_args(depth)
     depth.add_argument("--out", default=None, metavar="PATH",
                        help="also export the pruned model: .pt2, .onnx or .ts")
     _format_arg(depth)
@@ -208,21 +221,44 @@ def _format_arg(p: argparse.ArgumentParser) -> None:
                    help="the export format of --out (default: from its suffix)")
 
 
-def _recalibrate_arg(p: argparse.ArgumentParser) -> None:
+def _repair_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-repair", action="store_true",
+                   help="return the model as torch-pruning leaves it (by default it is repaired "
+                        "on the --calib-split: least-squares refits of the layers that lost "
+                        "inputs, then BatchNorm statistics re-estimated)")
+    p.add_argument("--no-reconstruct", action="store_true",
+                   help="skip the least-squares refits of the layers that lost inputs")
+    p.add_argument("--no-recalibrate-bn", action="store_true",
+                   help="keep the dense model's BatchNorm running statistics")
     p.add_argument("--recalibrate-bn", action="store_true",
-                   help="re-estimate BatchNorm running statistics on the data after pruning "
-                        "(no weight changes; recovers most no-fine-tune accuracy)")
+                   help="make BatchNorm recalibration an error when it cannot run (by default "
+                        "it runs when it can)")
     p.add_argument("--finetune-epochs", type=int, default=0,
-                   help="fine-tune the pruned model on the data for this many epochs")
-    p.add_argument("--finetune-lr", type=float, default=1e-3)
+                   help="fine-tune the pruned model on the --calib-split for this many epochs "
+                        "(BatchNorm is recalibrated first; both accuracies are reported)")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="peak learning rate of the fine-tuning (AdamW, warm-up + cosine; "
+                        "default 1e-4, fxgndi.pruning.finetune.FINETUNE_LR)")
 
 
 def _repair(args, *, compensate: bool = False) -> dict[str, Any]:
-    """The repair steps the arguments ask for (a dict of fxgndi.Repair's fields)."""
-    finetune = dict(epochs=args.finetune_epochs, lr=args.finetune_lr) \
-        if args.finetune_epochs > 0 else None
-    return {"compensate": compensate, "recalibrate_bn": args.recalibrate_bn,
-            "finetune": finetune}
+    """The repair steps prune / prune_depth run (a dict of fxgndi.Repair's fields). Fine-tuning
+    is not among them: the CLI runs it after measuring the repaired, untrained model
+    (:func:`_fine_tune`)."""
+    if args.finetune_epochs < 0:
+        raise ValueError(f"--finetune-epochs must be >= 0, not {args.finetune_epochs}")
+    if args.no_repair:
+        return {"reconstruct": False, "recalibrate_bn": False, "compensate": compensate,
+                "finetune": None}
+    recalibrate = True if args.recalibrate_bn else False if args.no_recalibrate_bn else "auto"
+    return {"reconstruct": not args.no_reconstruct, "recalibrate_bn": recalibrate,
+            "compensate": compensate, "finetune": None}
+
+
+def _finetune_settings(args) -> dict[str, Any]:
+    from fxgndi.pruning.finetune import FINETUNE_LR
+    return {"epochs": args.finetune_epochs,
+            "lr": FINETUNE_LR if args.finetune_lr is None else args.finetune_lr}
 
 
 def _command(sub, name: str, run: Callable, help_text: str, example: str):
@@ -238,7 +274,10 @@ def _command(sub, name: str, run: Callable, help_text: str, example: str):
     return p
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, *, roles: bool = False) -> None:
+    """The model and data arguments; with ``roles`` (the pruning commands) the data has two
+    splits: one that scoring, calibration, repair and fine-tuning read, and a held-out one the
+    accuracy is measured on."""
     p.add_argument("--model", required=True,
                    help="a torchvision model name, or digits-resnet18 (the built-in trained one)")
     p.add_argument("--weights", default=None, help="torchvision weights name, e.g. DEFAULT")
@@ -247,9 +286,22 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="output width (default: the data's number of classes)")
     p.add_argument("--data", default="digits",
                    help="digits | cifar10:/root | imagefolder:/path (default: digits)")
-    p.add_argument("--split", default="test", choices=DATA_SPLITS)
+    if roles:
+        p.add_argument("--calib-split", "--split", dest="calib_split", default="train",
+                       choices=DATA_SPLITS,
+                       help="the split that scoring, calibration, repair and fine-tuning read "
+                            "(default: train)")
+        p.add_argument("--eval-split", default="test", choices=DATA_SPLITS,
+                       help="the held-out split the accuracy before / after is measured on "
+                            "(default: test); it must not overlap --calib-split")
+        p.add_argument("--allow-overlap", action="store_true",
+                       help="accept an --eval-split that shares samples with --calib-split "
+                            "(the accuracy is then not held-out, and the output says so)")
+    else:
+        p.add_argument("--split", default="test", choices=DATA_SPLITS)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only the first N samples (of each split)")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--strict", action="store_true",
                    help="fail on an unreadable image instead of skipping it (ImageFolder)")
@@ -273,6 +325,31 @@ def _long_run_kwargs(args) -> dict[str, Any]:
             "save_every": args.save_every}
 
 
+def _check_before_work(args) -> None:
+    """Fail before any loading, tracing or process-group set-up when the device cannot be used
+    or an output file could not be written."""
+    from fxgndi.core.runtime import check_device
+    from fxgndi.gndi.distributed import launched_by_torchrun
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) \
+        if launched_by_torchrun() else None
+    check_device(args.device, processes_per_node=per_node)
+    _check_outputs(args)
+    _check_splits(args)
+
+
+def _check_splits(args) -> None:
+    """Refuse an --eval-split that shares samples with --calib-split (unless --allow-overlap)."""
+    if getattr(args, "eval_split", None) is None:
+        return
+    from fxgndi.app.data import split_overlap
+    args.overlap = split_overlap(args.data, args.calib_split, args.eval_split)
+    if args.overlap and not args.allow_overlap:
+        raise ValueError(f"--eval-split {args.eval_split} overlaps --calib-split "
+                         f"{args.calib_split} ({args.overlap}), so the accuracy would be "
+                         "measured on samples the pruning read: use disjoint splits (e.g. "
+                         "--calib-split train --eval-split test), or pass --allow-overlap")
+
+
 def _check_outputs(args) -> None:
     """Fail before any work when an output file could not be written."""
     for flag in ("plot", "run_state", "out"):
@@ -287,11 +364,12 @@ def _check_outputs(args) -> None:
 
 def _report_skipped(args) -> None:
     from fxgndi.gndi.distributed import is_main
-    dataset = getattr(getattr(args, "loaded_data", None), "dataset", None)
-    skipped = getattr(dataset, "skipped", 0)
-    if skipped and is_main():
-        print(f"fxgndi: skipped {skipped} unreadable image(s) (--strict makes this an error): "
-              f"{', '.join(dataset.skipped_files[:5])}", file=sys.stderr)
+    for loader in (getattr(args, "loaded_data", None), getattr(args, "eval_data", None)):
+        dataset = getattr(loader, "dataset", None)
+        skipped = getattr(dataset, "skipped", 0)
+        if skipped and is_main():
+            print(f"fxgndi: skipped {skipped} unreadable image(s) (--strict makes this an "
+                  f"error): {', '.join(dataset.skipped_files[:5])}", file=sys.stderr)
 
 
 def _site_args(p: argparse.ArgumentParser) -> None:
@@ -303,12 +381,19 @@ def _site_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args) -> tuple[Any, Any]:
-    """The data and the model the arguments name."""
+    """The data and the model the arguments name: the data of --split, or, for the pruning
+    commands, of --calib-split (the held-out --eval-split is loaded into ``args.eval_data``)."""
     from fxgndi.app.data import load_data, num_classes
 
-    data = load_data(args.data, split=args.split, batch_size=args.batch_size, limit=args.limit,
-                     image_size=args.image_size, seed=args.seed, strict=args.strict)
+    def split(name: str):
+        return load_data(args.data, split=name, batch_size=args.batch_size, limit=args.limit,
+                         image_size=args.image_size, seed=args.seed, strict=args.strict)
+
+    roles = getattr(args, "eval_split", None) is not None
+    data = split(args.calib_split if roles else args.split)
     args.loaded_data = data
+    if roles:
+        args.eval_data = split(args.eval_split)
     classes = args.num_classes
     if classes is None and args.weights is None and args.model != "digits-resnet18":
         classes = num_classes(args.data)
@@ -362,28 +447,95 @@ def _run_prune(args) -> None:
                    importance=args.importance, global_pruning=args.global_pruning,
                    round_to=args.round_to, repair=_repair(args, compensate=args.compensate),
                    seed=args.seed, progress=not args.quiet)
-    _finish_pruning(args, model, data, result)
+    _finish_pruning(args, model, data, result,
+                    scored=args.importance in ("gndi", "ablation", "weight_taylor", "hessian"))
 
 
-def _finish_pruning(args, model, data, result) -> None:
-    """Export the pruned model when --out is given, then print the pruning table (or JSON)
-    with the accuracy before and after on the loaded split."""
+def _finish_pruning(args, model, data, result, *, scored: bool) -> None:
+    """Fine-tune when asked (after measuring the recalibrated, untrained model), export the
+    pruned model when --out is given, then print the pruning table (or JSON) with the
+    accuracy on the held-out --eval-split and which split did what."""
     from fxgndi.pruning.finetune import evaluate
+    args.repair_ran = result.settings.get("repair_ran")
+    held_out = args.eval_data
+    accuracy = {"before": evaluate(model, held_out)["accuracy"]}
+    if args.finetune_epochs > 0:
+        accuracy["repaired_untrained"] = evaluate(result.model, held_out)["accuracy"]
+        _fine_tune(args, result, data)
+    accuracy["after"] = evaluate(result.model, held_out)["accuracy"]
     if args.out:
         result.settings["export"] = _export(args, result.model, data).to_dict()
-    accuracy = {"before": evaluate(model, data)["accuracy"],
-                "after": evaluate(result.model, data)["accuracy"]}
+    roles = _data_roles(args, data, held_out, scored=scored)
     if args.json:
-        print(json.dumps({**result.to_dict(), "accuracy": accuracy}, indent=2))
+        print(json.dumps({**result.to_dict(), "accuracy": accuracy, "data": roles}, indent=2))
     else:
         print(result.table())
-        print(f"\naccuracy on the {args.split} split: {accuracy['before']:.1%} before, "
-              f"{accuracy['after']:.1%} after ("
-              + (f"{args.finetune_epochs} epoch(s) of fine-tuning" if args.finetune_epochs
-                 else "no fine-tuning")
-              + (", BatchNorm recalibrated" if args.recalibrate_bn else "") + ")")
+        print(f"\n{_roles_line(roles)}")
+        print(_accuracy_table(args, accuracy, roles["evaluation"]))
     if args.out and not args.json:
         print(f"\nexported to {args.out}: {_export_summary(result.settings['export'])}")
+
+
+def _fine_tune(args, result, data) -> None:
+    """``repair_model``'s fine-tuning step, run here so that the model before it (pruned and
+    recalibrated by prune / prune_depth) is measured too."""
+    from fxgndi.pruning.finetune import fine_tune
+    settings = _finetune_settings(args)
+    recalibrated = bool(result.settings["repair_ran"]["recalibrate_bn"])
+    fine_tune(result.model, data, **settings, recalibrate=not recalibrated, seed=args.seed,
+              progress=not args.quiet)
+    result.settings["repair"] = {**result.settings["repair"], "finetune": settings}
+
+
+def _data_roles(args, data, held_out, *, scored: bool) -> dict[str, Any]:
+    """Which split did what, with how many samples (for the output)."""
+    used = ["scoring"] if scored else []
+    used += _repair_steps(args)
+    if args.finetune_epochs > 0:
+        used.append("fine-tuning")
+    return {"calibration": {"split": args.calib_split, "samples": len(data.dataset),
+                            "used_for": used or ["tracing and counting MACs only"]},
+            "evaluation": {"split": args.eval_split, "samples": len(held_out.dataset),
+                           "used_for": ["accuracy"], "overlaps_calibration": args.overlap}}
+
+
+def _repair_steps(args) -> list[str]:
+    """What the repair did, in words (from the result's record of what ran)."""
+    ran = getattr(args, "repair_ran", None) or {}
+    steps = []
+    if getattr(args, "compensate", False):
+        steps.append("channel means folded")
+    if ran.get("reconstruct") and ran["reconstruct"]["layers"]:
+        steps.append(f"least-squares refits of {len(ran['reconstruct']['layers'])} layers")
+    if ran.get("recalibrate_bn"):
+        steps.append("BatchNorm recalibration")
+    return steps
+
+
+def _roles_line(roles: dict[str, Any]) -> str:
+    calib, held = roles["calibration"], roles["evaluation"]
+    used = calib["used_for"]
+    what = used[0] if len(used) == 1 else f"{', '.join(used[:-1])} and {used[-1]}"
+    line = (f"data: the {calib['split']} split ({calib['samples']} samples) for {what}; the "
+            f"{held['split']} split ({held['samples']} samples) for the accuracy, ")
+    if held["overlaps_calibration"]:
+        return line + f"NOT held-out: {held['overlaps_calibration']} (--allow-overlap)"
+    return line + "disjoint from it"
+
+
+def _accuracy_table(args, accuracy: dict[str, float], held: dict[str, Any]) -> str:
+    from fxgndi.core.report import format_table
+    rows = [("dense", accuracy["before"])]
+    steps = ", ".join(_repair_steps(args)) or "no repair"
+    if "repaired_untrained" in accuracy:
+        ft = _finetune_settings(args)
+        rows += [(f"pruned and repaired ({steps}), untrained", accuracy["repaired_untrained"]),
+                 (f"then fine-tuned {ft['epochs']} epoch(s) at peak lr {ft['lr']:g}",
+                  accuracy["after"])]
+    else:
+        rows.append((f"pruned and repaired ({steps})", accuracy["after"]))
+    return format_table([(label, f"{value:.1%}") for label, value in rows],
+                        ["model", f"accuracy on {held['split']} ({held['samples']})"])
 
 
 def _run_prune_depth(args) -> None:
@@ -397,12 +549,16 @@ def _run_prune_depth(args) -> None:
                          sparsity=args.sparsity, importance=args.importance,
                          baseline=args.baseline, greedy=args.greedy, steps=args.steps,
                          repair=_repair(args), seed=args.seed, progress=not args.quiet)
-    _finish_pruning(args, model, data, result)
+    _finish_pruning(args, model, data, result, scored=args.importance != "random")
 
 
 def _run_demo(args) -> None:
     from fxgndi.app.demo import run_demo
-    results = run_demo(progress=not args.quiet, print_fn=(lambda s: None) if args.json else print)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise FileExistsError(f"--out {args.out} is a file: the demo writes a folder there; "
+                              "pass another --out")
+    results = run_demo(out=args.out, progress=not args.quiet,
+                       print_fn=(lambda s: None) if args.json else print)
     if args.json:
         print(json.dumps(results, indent=2))
 

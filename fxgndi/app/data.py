@@ -32,6 +32,7 @@ __all__ = [
     "make_dataset",
     "skip_none_collate",
     "num_classes",
+    "split_overlap",
     "digits_dataset",
     "DIGITS_MEAN",
     "DIGITS_STD",
@@ -381,6 +382,41 @@ def load_data(spec: str, *, split: str = "test", batch_size: int = 64,
     return loader_cls(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       num_workers=num_workers,
                       collate_fn=skip_none_collate if skipping else None)
+
+
+def split_overlap(spec: str, a: str, b: str) -> str | None:
+    """Why splits ``a`` and ``b`` of a data spec share samples, or None when they are disjoint.
+
+    digits and CIFAR-10: ``train`` and ``test`` are disjoint by construction (a fixed
+    stratified split; separate files); ``all`` holds both, and a split overlaps itself.
+    ImageFolder: each split is the folder(s) ``load_data`` reads for it; two splits overlap
+    when they read the same folder or one lies inside the other (a tree without split folders
+    is read whole for every split). Files are not compared: copies of one image in ``train/``
+    and ``val/`` are not detected.
+
+    Example:
+        >>> split_overlap("digits", "train", "test") is None
+        True
+        >>> split_overlap("digits", "all", "test")
+        "split 'all' holds every sample, including those of 'test'"
+    """
+    kind, path = _parse_spec(spec)
+    if kind in ("digits", "cifar10"):
+        _check_split(a)
+        _check_split(b)
+        if a == b:
+            return f"both are split {a!r}"
+        if "all" in (a, b):
+            return f"split 'all' holds every sample, including those of {b if a == 'all' else a!r}"
+        return None
+    roots = {s: [os.path.realpath(r) for r in _imagefolder_roots(path, s)]  # type: ignore
+             for s in (a, b)}
+    for ra in roots[a]:
+        for rb in roots[b]:
+            if ra == rb or ra.startswith(rb + os.sep) or rb.startswith(ra + os.sep):
+                where = ra if ra == rb else min(ra, rb, key=len)
+                return f"both read the images under {where}"
+    return None
 
 
 def num_classes(spec: str, *, split: str = "test") -> int:

@@ -21,3 +21,7 @@ class DataError(FxgndiError, ValueError):
 
 class NonFiniteError(FxgndiError, FloatingPointError):
     """NaN or Inf appeared in activations, outputs or scores."""
+
+
+class DeviceError(FxgndiError, ValueError):
+    """The requested device does not exist or cannot be used on this machine."""

@@ -57,6 +57,9 @@ class RunOptions:
     output: Any = None
 
     def __post_init__(self) -> None:
+        from fxgndi.core.runtime import check_device  # torch: not at import (fxgndi --help)
+
+        check_device(self.device)
         object.__setattr__(self, "max_memory", parse_bytes(self.max_memory))
         object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
         if self.max_batches is not None and (isinstance(self.max_batches, bool)

@@ -11,7 +11,7 @@ from fxgndi.core.files import atomic_path
 
 
 def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], *,
-                 floatfmt: str = ".4g", tablefmt: str = "github") -> str:
+                 floatfmt: str | Sequence[str] = ".4g", tablefmt: str = "github") -> str:
     """Render rows as a GitHub-markdown table.
 
     Example:

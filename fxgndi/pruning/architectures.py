@@ -1,7 +1,7 @@
 """What torch-pruning needs to know about an architecture it cannot prune out of the box.
 
-torch-pruning builds its dependency graph from the autograd graph of one forward pass. Four
-torchvision families defeat that, each for a reason found in its forward code:
+torch-pruning builds its dependency graph from the autograd graph of one forward pass. Five
+kinds of torchvision modules defeat that, each for a reason found in its forward code:
 
 * channel shuffle (ShuffleNetV2): ``view -> transpose -> view`` interleaves the two halves of a
   concatenation. torch-pruning's reshape rule divides by zero on it; and a shuffle stays a
@@ -33,6 +33,14 @@ torchvision families defeat that, each for a reason found in its forward code:
   option expects separate qkv layers and drops the group); q is rescaled to keep the attention's
   temperature (:func:`keep_attention_scale`), and ``VisionTransformer.hidden_dim``, which
   ``_process_input`` reshapes with, is reset afterwards (:func:`fix_widths`).
+
+* frozen BatchNorm (torchvision's ``FrozenBatchNorm2d``, what the detection backbones use, and
+  any other norm that is a per-channel affine map held in buffers): its forward reads the
+  buffers ``weight`` / ``bias`` / ``running_mean`` / ``running_var``, which torch-pruning does not
+  know it must prune (the pruned model fails with a size mismatch). Each is one opaque node with
+  :class:`FrozenNormPruner`, which prunes those buffers with its channels (in and out coupled,
+  like a BatchNorm). Recognised by layout, not by class (:func:`is_frozen_norm`), so detectron2's
+  and timm's copies are handled too.
 
 ConvNeXt's ``layer_scale`` ([C, 1, 1]) and ViT's class token / position embedding are found by
 torch-pruning's unwrapped-parameter detection, which prunes their last non-singleton dim: right
@@ -241,6 +249,59 @@ class PartitionAttentionPruner(tp.BasePruningFunc):
     get_in_channels = get_out_channels
 
 
+_FROZEN_NORM_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
+def is_frozen_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a frozen (affine-only) BatchNorm: no parameters, no children, and
+    1-D buffers ``weight``, ``bias``, ``running_mean``, ``running_var`` of one length.
+
+    Example:
+        >>> from torchvision.ops.misc import FrozenBatchNorm2d
+        >>> is_frozen_norm(FrozenBatchNorm2d(4)), is_frozen_norm(nn.BatchNorm2d(4).eval())
+        (True, False)
+    """
+    if next(module.parameters(), None) is not None or next(module.children(), None) is not None:
+        return False
+    buffers = dict(module.named_buffers(recurse=False))
+    if not all(isinstance(buffers.get(b), torch.Tensor) for b in _FROZEN_NORM_BUFFERS):
+        return False
+    shapes = {tuple(buffers[b].shape) for b in _FROZEN_NORM_BUFFERS}
+    return len(shapes) == 1 and len(next(iter(shapes))) == 1
+
+
+class FrozenNormPruner(tp.BasePruningFunc):
+    """A frozen BatchNorm (:func:`is_frozen_norm`): removes the channels from each of its 1-D
+    buffers of the channel count (and ``num_features`` when it has one); in and out coupled.
+
+    Example:
+        >>> from torchvision.ops.misc import FrozenBatchNorm2d
+        >>> bn = FrozenBatchNorm2d(4)
+        >>> bn.running_mean += torch.arange(4.)
+        >>> _ = FrozenNormPruner().prune_out_channels(bn, [1, 2])
+        >>> bn.running_mean.tolist(), bn.weight.shape
+        ([0.0, 3.0], torch.Size([2]))
+    """
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        width = self.get_out_channels(layer)
+        gone = {int(i) for i in idxs}
+        keep = torch.tensor([c for c in range(width) if c not in gone], dtype=torch.long)
+        for name, buffer in list(layer.named_buffers(recurse=False)):
+            if buffer is not None and buffer.dim() == 1 and buffer.shape[0] == width:
+                setattr(layer, name, buffer[keep.to(buffer.device)].clone())
+        if isinstance(getattr(layer, "num_features", None), int):
+            layer.num_features = len(keep)
+        return layer
+
+    prune_in_channels = prune_out_channels  # a per-channel map: in and out are one set
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return int(layer.weight.shape[0])
+
+    get_in_channels = get_out_channels
+
+
 @dataclass
 class ArchitecturePlan:
     """What :func:`fxgndi.prune` passes torch-pruning for one model (see the module
@@ -297,7 +358,7 @@ def plan_for(model: nn.Module) -> ArchitecturePlan:
     plan = ArchitecturePlan()
     modules = list(model.modules())
     for family in (_channel_shuffle, _window_attention, _partition_attention,
-                   _multihead_attention):
+                   _multihead_attention, _frozen_norm):
         family(model, modules, plan)
     return plan
 
@@ -345,6 +406,14 @@ def _multihead_attention(model: nn.Module, modules: list[nn.Module],
     plan.out_channel_groups.update({m: m.num_heads for m in attention})
     head_dims = {m: m.head_dim for m in attention}
     plan.after.append(lambda pruned: keep_attention_scale(head_dims))
+
+
+def _frozen_norm(model: nn.Module, modules: list[nn.Module], plan: ArchitecturePlan) -> None:
+    kinds = {type(m) for m in modules if is_frozen_norm(m)}
+    if not kinds:
+        return
+    plan.families.append("frozen BatchNorm")
+    plan.customized_pruners.update({kind: FrozenNormPruner() for kind in kinds})
 
 
 def keep_attention_scale(head_dims: dict[nn.MultiheadAttention, int]) -> None:

@@ -121,7 +121,8 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, data: Iterable, *,
         pruned: the pruned model; its layers are changed in place (weights, and a bias added
             where there was none). Its other modules and every flag stay as they are.
         dense: the model before pruning; only read.
-        data: calibration batches ``x`` or ``(x, y)``, fed to both models.
+        data: calibration batches ``x`` or ``(x, y)``, fed to both models; read once (at most
+            ``max_batches``) and kept in memory for the passes.
         kept_outputs: layer name -> the original indices of the output channels the pruned
             layer kept (default: all of them, in order).
         ridge: the regulariser, relative to the mean diagonal of ``X^T X``. With fewer rows
@@ -139,6 +140,11 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, data: Iterable, *,
     """
     start = time.perf_counter()
     report = ReconstructionReport()
+    # Read once and kept: the dense targets and the pruned inputs of a layer come from
+    # separate passes, which must see the same samples in the same order (a shuffling loader
+    # would pair the inputs of one sample with the targets of another).
+    data = [x for x, _ in iter_batches(data, device=device_of(pruned), max_batches=max_batches)]
+    max_batches = None
     names = list(consumers(pruned, dense) if layers is None else layers)
     pruned_modules, dense_modules = dict(pruned.named_modules()), dict(dense.named_modules())
     order, calls = _run_order(pruned, data, names)

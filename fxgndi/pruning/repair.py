@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from fxgndi.core.errors import DataError
 from fxgndi.core.runtime import eval_mode
-from fxgndi.pruning.finetune import train_classifier
+from fxgndi.pruning.finetune import fine_tune
 from fxgndi.pruning.recalibrate import recalibrate_bn
 from fxgndi.pruning.reconstruct import reconstruct
 
@@ -42,8 +42,9 @@ class Repair:
             before pruning) into that consumer's bias, so the pruned model computes
             ``do(read_c := E[read_c])`` instead of reading 0 (width pruning; the bias-only
             special case of ``reconstruct``, see :mod:`fxgndi.pruning.compensate`).
-        finetune: ``dict(epochs=..., lr=..., ...)`` for
-            :func:`fxgndi.pruning.finetune.train_classifier` on the data, last (None: none).
+        finetune: ``dict(epochs=..., lr=..., ...)`` for :func:`fxgndi.pruning.finetune.fine_tune`
+            on the data, last (None: none); it recalibrates BatchNorm first (unless
+            ``recalibrate_bn`` just did) and trains at peak rate ``FINETUNE_LR`` by default.
         ridge: the least-squares regulariser, relative to the mean diagonal of ``X^T X``.
 
     Example:
@@ -61,7 +62,7 @@ class Repair:
         finetune = self.finetune
         if finetune is not None and (not isinstance(finetune, dict) or "epochs" not in finetune):
             raise ValueError("finetune must be None or a dict with at least 'epochs', e.g. "
-                             "finetune=dict(epochs=1, lr=1e-3)")
+                             "finetune=dict(epochs=1)")
         if self.recalibrate_bn not in (True, False, "auto"):
             raise ValueError(f"recalibrate_bn must be True, False or 'auto', not "
                              f"{self.recalibrate_bn!r}")
@@ -144,7 +145,9 @@ def repair_model(model: nn.Module, data: Iterable, repair: Repair, *,
     if repair.finetune:
         start = time.perf_counter()
         with eval_mode(model):
-            train_classifier(model, data, **{"progress": progress, **repair.finetune})
+            fine_tune(model, data, **{"progress": progress,
+                                      "recalibrate": not ran["recalibrate_bn"],
+                                      **repair.finetune})
         ran["finetune"] = dict(repair.finetune)
         ran["seconds"]["finetune"] = time.perf_counter() - start
     return ran

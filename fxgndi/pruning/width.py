@@ -86,7 +86,8 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
             anything else random), ``progress`` (default False), ...
 
     Channel shuffles (ShuffleNetV2), windowed attention (Swin V1 / V2), partition attention
-    (MaxViT) and ``nn.MultiheadAttention`` (ViT) are recognised from the model's modules and
+    (MaxViT), ``nn.MultiheadAttention`` (ViT) and frozen BatchNorms (torchvision's
+    ``FrozenBatchNorm2d``, detection backbones) are recognised from the model's modules and
     handled by :mod:`fxgndi.pruning.architectures` (named in ``settings["architectures"]``).
 
     Example:

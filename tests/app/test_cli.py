@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fxgndi
-from fxgndi.app.cli import main
+from fxgndi.app.cli import build_parser, main
 from fxgndi.app.data import load_data
 from fxgndi.app.models import load_model
 
@@ -64,12 +64,94 @@ def test_help_lists_examples(capsys):
     assert "fxgndi validate --model digits-resnet18" in capsys.readouterr().out
 
 
-def test_prune_reports_reduction_and_accuracy(capsys):
+def _hand_accuracy(model, split: str, n: int) -> float:
+    """Top-1 accuracy on the first n images of a digits split, computed here."""
+    from fxgndi.app.data import digits_dataset
+    x, y = digits_dataset(split).tensors
+    with torch.no_grad():
+        return float((model.eval()(x[:n]).argmax(1) == y[:n]).float().mean())
+
+
+def test_prune_reports_reduction_and_the_held_out_accuracy(capsys):
     code = main(["prune", *COMMON, "--sparsity", "0.3", "--importance", "l1", "--json"])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert 0.2 < printed["pruning_ratio"] <= 0.35 and printed["macs_after"] < printed["macs_before"]
     assert set(printed["accuracy"]) == {"before", "after"}
+    assert printed["data"]["calibration"]["split"] == "train"
+    assert printed["data"]["calibration"]["samples"] == 8
+    assert printed["data"]["evaluation"] == {"split": "test", "samples": 8, "used_for":
+                                             ["accuracy"], "overlaps_calibration": None}
+    torch.manual_seed(0)  # main seeds with --seed 0 before building the model
+    dense = load_model("resnet18", num_classes=10)
+    assert printed["accuracy"]["before"] == pytest.approx(_hand_accuracy(dense, "test", 8))
+
+
+def test_prune_reads_the_train_split_and_evaluates_on_test(capsys, monkeypatch):
+    """What each role reads, seen at the loader: --split is --calib-split for prune."""
+    import fxgndi.app.data as data_module
+    seen = []
+    real = data_module.load_data
+    monkeypatch.setattr(data_module, "load_data",
+                        lambda spec, split, **kw: seen.append(split) or real(spec, split=split,
+                                                                             **kw))
+    assert main(["prune", *COMMON, "--importance", "l1", "--eval-split", "train",
+                 "--split", "test", "--no-repair"]) == 0
+    assert seen == ["test", "train"]
+    out = capsys.readouterr().out
+    assert "the test split (8 samples) for tracing and counting MACs only; the train split " \
+        "(8 samples) for the accuracy, disjoint from it" in out
+
+
+@pytest.mark.parametrize("splits, why", [
+    (["--eval-split", "train"], "both are split 'train'"),
+    (["--calib-split", "all"], "split 'all' holds every sample, including those of 'test'"),
+    (["--split", "test"], "both are split 'test'"),
+])
+def test_an_evaluation_split_that_overlaps_the_training_one_is_refused(splits, why, capsys,
+                                                                       monkeypatch):
+    import fxgndi.app.cli as cli
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("loaded before refusing"))
+    for command in (["prune"], ["prune-depth", "--blocks", "1"]):
+        assert main([*command, *COMMON, *splits]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("fxgndi: error: --eval-split") and why in err
+        assert "--allow-overlap" in err and err.count("\n") == 1
+
+
+def test_allow_overlap_runs_and_says_the_accuracy_is_not_held_out(capsys):
+    assert main(["prune", *COMMON, "--importance", "l1", "--calib-split", "all",
+                 "--allow-overlap", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["data"]["evaluation"]["overlaps_calibration"].startswith("split 'all'")
+    assert main(["prune", *COMMON, "--importance", "l1", "--calib-split", "all",
+                 "--allow-overlap"]) == 0
+    assert "NOT held-out: split 'all' holds every sample" in capsys.readouterr().out
+
+
+def test_finetune_lr_help_names_the_default():
+    from fxgndi.pruning.finetune import FINETUNE_LR
+    help_text = build_parser()._subparsers._group_actions[0].choices["prune"].format_help()
+    import re
+    stated = re.search(r"default ([0-9.e-]+), fxgndi.pruning.finetune.FINETUNE_LR",
+                       " ".join(help_text.split()))
+    assert stated and float(stated.group(1)) == FINETUNE_LR
+
+
+def test_one_epoch_of_fine_tuning_ends_at_or_above_the_recalibrated_model(capsys):
+    """The issue's command on the digits ResNet-18 (l1: no scoring pass, so it is quick): one
+    epoch on the train split, measured on the held-out test split."""
+    assert main(["prune", "--model", "digits-resnet18", "--data", "digits", "--sparsity",
+                 "0.5", "--target", "macs", "--importance", "l1", "--finetune-epochs", "1",
+                 "--quiet", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    accuracy = printed["accuracy"]
+    assert accuracy["after"] >= accuracy["repaired_untrained"] > 0.9
+    assert printed["data"]["calibration"] == {
+        "split": "train", "samples": 1347,
+        "used_for": ["least-squares refits of 20 layers", "BatchNorm recalibration",
+                     "fine-tuning"]}
+    assert printed["settings"]["repair"]["finetune"]["epochs"] == 1
 
 
 def test_prune_rejects_a_sparsity_outside_0_1(capsys):
@@ -123,3 +205,41 @@ def test_ablate_plot_labels_the_effect_and_says_where_it_went(capsys, tmp_path, 
     assert labels == [label]
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert f"plot written to {plot}" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "garbage", "cpu:3"])
+def test_an_unusable_device_is_one_line_before_any_work(device, capsys, monkeypatch):
+    import fxgndi.app.cli as cli
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("loaded data or a model before checking the device")
+
+    monkeypatch.setattr(cli, "_load", no_work)
+    monkeypatch.setattr(cli, "_model", no_work)
+    for command in (["score", *COMMON], ["prune", *COMMON], ["bench", "--model", "resnet18"]):
+        assert main([*command, "--device", device]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"fxgndi: error: device '{device}'") or \
+            err.startswith(f"fxgndi: error: unknown device '{device}'")
+        assert err.count("\n") == 1
+
+
+def test_the_cpu_device_by_index_runs(capsys):
+    assert main(["sites", *COMMON, "--sites", "block", "--device", "cpu:0"]) == 0
+    assert "layer4.1" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_under_torchrun_an_unusable_device_is_one_line_from_rank_0(tmp_path):
+    """Two real torchrun processes: the device is refused before the process group forms,
+    and only rank 0 prints (torchrun's own failure report follows it)."""
+    import os
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", "0", "-m", "fxgndi", "score", *COMMON, "--device", "cuda"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert run.returncode != 0
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if "fxgndi: error" in line]
+    assert lines == [lines[0]] and "CUDA is not available here" in lines[0]

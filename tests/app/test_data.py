@@ -223,3 +223,34 @@ def test_cifar10_on_fake_local_copy(tmp_path, monkeypatch):
     assert len(load_data(f"cifar10:{root}", split="all").dataset) == 24
     x, _ = next(iter(load_data(f"cifar10:{root / 'cifar-10-batches-py'}", image_size=48)))
     assert x.shape == (4, 3, 48, 48)
+
+
+def test_split_overlap_of_digits_and_cifar():
+    from fxgndi.app.data import split_overlap
+    for spec in ("digits", "cifar10:/nowhere"):
+        assert split_overlap(spec, "train", "test") is None
+        assert split_overlap(spec, "test", "train") is None
+        assert "both are split 'test'" in split_overlap(spec, "test", "test")
+        assert "'all' holds every sample" in split_overlap(spec, "all", "test")
+        assert "'all' holds every sample" in split_overlap(spec, "train", "all")
+    # digits train / test share no image: checked on the data itself
+    from fxgndi.app.data import digits_dataset
+    train = {tuple(x.flatten().tolist()) for x, _ in digits_dataset("train")}
+    test = [tuple(x.flatten().tolist()) for x, _ in digits_dataset("test")]
+    assert len(test) == 450 and sum(t in train for t in test) <= 5  # duplicates in the source
+
+
+def test_split_overlap_of_imagefolder_trees(tmp_path):
+    from fxgndi.app.data import split_overlap
+    split = tmp_path / "split"
+    for d in ("train/cat", "val/cat"):
+        (split / d).mkdir(parents=True)
+    spec = f"imagefolder:{split}"
+    assert split_overlap(spec, "train", "test") is None  # test reads val/
+    assert split_overlap(spec, "train", "val") is None
+    assert "val" in split_overlap(spec, "test", "val")  # both read val/
+    assert split_overlap(spec, "all", "train") is not None
+    flat = tmp_path / "flat"
+    (flat / "cat").mkdir(parents=True)
+    reason = split_overlap(f"imagefolder:{flat}", "train", "test")
+    assert reason == f"both read the images under {flat.resolve()}"

@@ -7,6 +7,7 @@ channels zeroed by forward hooks, widths against the shapes the forward code res
 
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from torchvision.models import vision_transformer
 
 from fxgndi.pruning import architectures
 from fxgndi.pruning.width import prune
+
+from tests.helpers import randomize_batchnorm
 
 _LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -217,3 +220,58 @@ def test_prunability_sweep_row():
     row = run_one("shufflenet_v2_x0_5", "l1", 0.5, 1, 10, size=64)
     assert row["traced"] and row["pruned"] and row["forward"], row.get("error")
     assert row["macs_after"] < row["macs_before"]
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    """``model`` with every BatchNorm2d replaced by a FrozenBatchNorm2d holding its statistics
+    and affine (the same function in eval mode)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    frozen = copy.deepcopy(model)
+    for name, bn in list(frozen.named_modules()):
+        if isinstance(bn, nn.BatchNorm2d):
+            new = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
+            for buffer in ("weight", "bias", "running_mean", "running_var"):
+                getattr(new, buffer).copy_(getattr(bn, buffer).detach())
+            parent, _, child = name.rpartition(".")
+            setattr(frozen.get_submodule(parent) if parent else frozen, child, new)
+    return frozen.eval()
+
+
+def test_frozen_batchnorm_resnet18_prunes_to_half_its_macs_and_equals_zeroing():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    torch.manual_seed(0)
+    dense_bn = randomize_batchnorm(torchvision.models.resnet18(num_classes=10))
+    model = _frozen_copy(dense_bn)
+    x = _data(32, n=4)[0][0]
+    torch.testing.assert_close(model(x), dense_bn(x))  # the conversion keeps the function
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    original = copy.deepcopy(model)
+    data = _data(32, n=4)
+    r = prune(model, data, target="macs", sparsity=0.5, importance="gndi", repair=False,
+              example_inputs=x[:1])
+    assert r.settings["architectures"] == ["frozen BatchNorm"]
+    assert abs(r.macs_reduction - 0.5) <= 0.02
+    for a, b in zip(model.state_dict().values(), original.state_dict().values()):
+        assert torch.equal(a, b)  # the user's model is untouched
+    with torch.no_grad():
+        out = r.model(x)
+    torch.testing.assert_close(out, _zeroed_reference(original, r.kept_inputs, x),
+                               rtol=1e-4, atol=1e-5)
+    # each frozen norm holds the buffers of the channels its conv kept, in order
+    pruned = dict(r.model.named_modules())
+    producers = {"bn1": "conv1", **{n: n.replace(".bn", ".conv") for n in pruned
+                                    if ".bn" in n},
+                 **{n: n[:-1] + "0" for n in pruned if n.endswith("downsample.1")}}
+    for norm, conv in producers.items():
+        assert isinstance(pruned[norm], FrozenBatchNorm2d)
+        kept = r.kept[conv]
+        assert len(kept) < original.get_submodule(conv).out_channels or norm == "bn1"
+        for buffer in ("weight", "bias", "running_mean", "running_var"):
+            assert torch.equal(getattr(pruned[norm], buffer),
+                               getattr(original.get_submodule(norm), buffer)[kept])
+    # and G-NDI ranks it exactly as it ranks the same network with BatchNorm2d (torch-pruning's
+    # own BatchNorm pruner): the same function, so the same channels kept
+    reference = prune(dense_bn, data, target="macs", sparsity=0.5, importance="gndi",
+                      example_inputs=x[:1])
+    assert {n: reference.kept[n] for n in r.kept} == r.kept
+    assert len(r.kept) == 21  # the 20 convs and fc (FrozenBatchNorm2d is no tracked layer)

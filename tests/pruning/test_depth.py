@@ -217,15 +217,19 @@ def test_cli_prune_depth(capsys):
     common = ["--model", "resnet18", "--data", "digits", "--limit", "8", "--batch-size", "4",
               "--quiet"]
     assert main(["prune-depth", *common, "--blocks", "1", "--importance", "random",
-                 "--json"]) == 0
+                 "--no-repair", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert len(printed["removed"]) == 1 and printed["macs_after"] < printed["macs_before"]
     assert set(printed["accuracy"]) == {"before", "after"}
+    assert printed["data"]["calibration"]["used_for"] == ["tracing and counting MACs only"]
     assert main(["prune-depth", *common]) == 1
     assert "--blocks N" in capsys.readouterr().err
     assert main(["prune-depth", *common, "--blocks", "1", "--importance", "random",
                  "--finetune-epochs", "1", "--recalibrate-bn"]) == 0
-    assert "1 epoch(s) of fine-tuning, BatchNorm recalibrated" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pruned, BatchNorm recalibrated, untrained" in out
+    assert "pruned, then fine-tuned 1 epoch(s) at peak lr 0.0001" in out
+    assert "the train split (8 samples) for BatchNorm recalibration and fine-tuning" in out
 
 
 def test_cli_prune_depth_exports(capsys, tmp_path):

@@ -135,3 +135,18 @@ def test_prune_with_repair_never_changes_the_users_model_and_fits_the_dense_outp
         error = [(m(x) - model(x)).norm() / model(x).norm() for m in (plain.model,
                                                                       repaired.model)]
     assert error[1] < error[0]
+
+
+def test_a_shuffling_loader_gives_the_fit_of_the_same_samples_in_order():
+    torch.manual_seed(0)
+    dense = nn.Linear(3, 4).double()
+    x = torch.randn(40, 2, dtype=torch.float64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=8,
+                                         shuffle=True)
+    fits = []
+    for data in ([x], loader):
+        pruned = nn.Linear(2, 4).double()
+        reconstruct(_Fed(pruned), _Fed(dense, _dependent), data, layers=["inner"], ridge=0,
+                    progress=False)
+        fits.append(pruned.weight.detach().clone())
+    torch.testing.assert_close(fits[1], fits[0], rtol=1e-9, atol=1e-9)
