@@ -244,25 +244,38 @@ def _refit(pruned: nn.Module, layer: nn.Module, name: str, data: Iterable,
            targets: list[torch.Tensor], ridge: float, max_batches: int | None,
            max_memory: int | None) -> LayerFit:
     """Refit ``layer`` of ``pruned`` so that its output on ``data`` matches ``targets`` (one
-    tensor per batch)."""
+    tensor per batch).
+
+    With at least as many rows as unknowns the ridge solution comes from the normal equations
+    ``(X^T X + lambda I) w = X^T Y`` (d x d); with fewer (an underdetermined system, deep
+    layers of small inputs) from the same solution's dual form ``w = X^T (X X^T + lambda I)^-1 Y``
+    (rows x rows), for which the rows are kept while they are few."""
     device = device_of(pruned)
     groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
     out_per_group = _out_channels(layer) // groups
     d = _in_per_group(layer) * _kernel_size(layer) + 1
-    xtx = torch.zeros(groups, d, d, dtype=torch.float64, device=device)
-    xty = torch.zeros(groups, d, out_per_group, dtype=torch.float64, device=device)
+    samples = sum(y.shape[0] for y in targets)
+    positions = targets[0][0].numel() // _out_channels(layer) if targets else 0
+    dual = samples * positions < d  # fewer rows than unknowns: solve rows x rows instead
+    size = (groups, 0, 0) if dual else (groups, d, d)
+    xtx = torch.zeros(size, dtype=torch.float64, device=device)
+    xty = torch.zeros(size[:2] + (0 if dual else out_per_group,), dtype=torch.float64,
+                      device=device)
     yty = torch.zeros(groups, dtype=torch.float64, device=device)
     before = torch.zeros((), dtype=torch.float64, device=device)
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     count = 0
     for (x, _), y in zip(iter_batches(data, device=device, max_batches=max_batches), targets):
         h = _capture(pruned, layer, x)
         before += (layer(h) - y).double().pow(2).sum()
         for feats, target in _systems(layer, h, y, max_memory):
-            # Products in the model's precision, sums over chunks and batches in float64.
-            xtx += torch.einsum("grd,gre->gde", feats, feats).double()
-            xty += torch.einsum("grd,gro->gdo", feats, target).double()
-            yty += target.double().pow(2).sum((1, 2))
             count += feats.shape[1]
+            yty += target.double().pow(2).sum((1, 2))
+            if dual:
+                kept.append((feats.double(), target.double()))
+            else:  # products in the model's precision, sums over chunks in float64
+                xtx += torch.einsum("grd,gre->gde", feats, feats).double()
+                xty += torch.einsum("grd,gro->gdo", feats, target).double()
     if count == 0:
         raise DataError(f"least-squares repair of {name!r} read no calibration batch: pass data")
     if count < d and ridge <= 0:
@@ -270,39 +283,33 @@ def _refit(pruned: nn.Module, layer: nn.Module, name: str, data: Iterable,
             f"least-squares repair of {name!r} has {d} unknowns per output but the calibration "
             f"data give only {count} rows (samples x positions): the system is "
             "underdetermined; pass more calibration data (or ridge > 0 to regularise)")
-    scale = xtx.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
-    system = xtx + ridge * scale[:, None, None] * torch.eye(d, dtype=torch.float64,
-                                                            device=device)
     condition = float("nan")
-    if count < d:
-        # X^T X has rank <= rows < d: its smallest eigenvalue is 0, so the regularised
-        # system's condition number is (largest eigenvalue + lambda) / lambda.
-        condition = float(((_largest_eigenvalue(xtx) + ridge * scale) / (ridge * scale)).max())
-    factor, info = torch.linalg.cholesky_ex(system)
-    if bool((info != 0).any()):  # not positive definite in floating point: LU instead
-        solution = torch.linalg.solve(system, xty)
-    else:
-        solution = torch.cholesky_solve(xty, factor)  # [groups, d, out_per_group]
-    # With (X^T X + lambda I) w = X^T Y:  ||X w - Y||^2 = Y^T Y - w . X^T Y - lambda |w|^2.
-    lam = (ridge * scale)[:, None, None]
-    rss = (yty.sum() - (solution * xty).sum() - (lam * solution.pow(2)).sum()).clamp_min(0)
     norm = yty.sum().clamp_min(1e-300)
+    if dual:
+        features = torch.cat([f for f, _ in kept], 1)  # [groups, count, d]
+        values = torch.cat([t for _, t in kept], 1)
+        lam = ridge * features.pow(2).sum(1).mean(-1).clamp_min(1e-12)[:, None, None]
+        gram = features @ features.transpose(1, 2)
+        eye = torch.eye(count, dtype=torch.float64, device=device)
+        solution = features.transpose(1, 2) @ torch.linalg.solve(gram + lam * eye, values)
+        rss = (features @ solution - values).pow(2).sum()
+        # X^T X has rank <= rows < d: its smallest eigenvalue is 0, so the regularised primal
+        # system's condition number is (largest eigenvalue + lambda) / lambda.
+        largest = torch.linalg.eigvalsh(gram)[:, -1]
+        condition = float(((largest + lam[:, 0, 0]) / lam[:, 0, 0]).max())
+    else:
+        lam = ridge * xtx.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)[:, None, None]
+        system = xtx + lam * torch.eye(d, dtype=torch.float64, device=device)
+        factor, info = torch.linalg.cholesky_ex(system)
+        if bool((info != 0).any()):  # not positive definite in floating point: LU instead
+            solution = torch.linalg.solve(system, xty)
+        else:
+            solution = torch.cholesky_solve(xty, factor)  # [groups, d, out_per_group]
+        # With (X^T X + lambda I) w = X^T Y: ||X w - Y||^2 = Y^T Y - w . X^T Y - lambda |w|^2.
+        rss = (yty.sum() - (solution * xty).sum() - (lam * solution.pow(2)).sum()).clamp_min(0)
     _assign(layer, solution)
     return LayerFit(name, count, d, float((before / norm).sqrt()), float((rss / norm).sqrt()),
                     condition)
-
-
-def _largest_eigenvalue(matrices: torch.Tensor, iterations: int = 20) -> torch.Tensor:
-    """The largest eigenvalue of each symmetric positive semi-definite matrix [g, d, d], by
-    power iteration (converges from below; enough digits for a report)."""
-    v = torch.ones(matrices.shape[0], matrices.shape[1], 1, dtype=matrices.dtype,
-                   device=matrices.device)
-    value = torch.zeros(matrices.shape[0], dtype=matrices.dtype, device=matrices.device)
-    for _ in range(iterations):
-        w = matrices @ v
-        value = w.norm(dim=(1, 2))
-        v = w / value.clamp_min(1e-300)[:, None, None]
-    return value
 
 
 def _systems(layer: nn.Module, h: torch.Tensor, y: torch.Tensor, max_memory: int | None
