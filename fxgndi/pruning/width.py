@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
@@ -115,26 +116,42 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
     widths, skipped = _static_widths(model, example, opts)
     ignored_names += [name for name in skipped if name != _UNTRACED and name not in ignored_names]
 
-    def run_once(ratio: float, target_model: nn.Module | None = None
-                 ) -> tuple[nn.Module, tuple]:
+    def run_once(ratio: float, target_model: nn.Module | None = None, *,
+                 between: bool = False) -> tuple[nn.Module, tuple]:
         work = target_model if target_model is not None else copy.deepcopy(model)
         kept = _prune_once(work, data, example, scorer, ratio, global_pruning=global_pruning,
                            iterative_steps=iterative_steps, round_to=round_to,
                            ignored=[work.get_submodule(n) for n in ignored_names],
                            compensate=fixes.compensate, max_batches=opts.max_batches,
-                           seed=opts.seed, widths=widths)
+                           seed=opts.seed, widths=widths,
+                           between_steps=repair_between if between else None)
         return work, kept
+
+    # Iterative pruning repairs between its steps (each step then scores a repaired model);
+    # the ratio search runs without (the widths of local pruning do not depend on the scores)
+    # and the found ratio is pruned once more with it.
+    step_fixes = replace(fixes, finetune=None)
+
+    def repair_step(work: nn.Module, kept_outputs: dict[str, list[int]]) -> None:
+        update_widths(work, list(widths))
+        repair_model(work, data, step_fixes, dense=dense, kept_outputs=kept_outputs,
+                     max_batches=opts.max_batches, max_memory=opts.max_memory)
+
+    repairs = iterative_steps > 1 and (fixes.reconstruct or bool(fixes.recalibrate_bn))
+    repair_between = repair_step if repairs else None
 
     # The least-squares repair fits the pruned layers to the dense ones: keep the dense model.
     dense = copy.deepcopy(model) if fixes.reconstruct and inplace else model
     if target == "channels":
         ratio = sparsity
-        pruned, kept = run_once(ratio, model if inplace else None)
+        pruned, kept = run_once(ratio, model if inplace else None,
+                                between=repair_between is not None)
     else:
         measure = _reduction_measure(target, macs0 if target == "macs" else params0, example)
         ratio, (pruned, kept) = _search_ratio(run_once, measure, sparsity, tolerance, target)
-        if inplace:
-            pruned, kept = run_once(ratio, model)
+        if inplace or repair_between is not None:
+            pruned, kept = run_once(ratio, model if inplace else None,
+                                    between=repair_between is not None)
     _check_runs(pruned, example, untraceable=_UNTRACED in skipped)
     ran = repair_model(pruned, data, fixes, dense=dense, kept_outputs=kept[0],
                        max_batches=opts.max_batches, max_memory=opts.max_memory,
@@ -209,9 +226,12 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
                 importance: tp.importance.Importance, ratio: float, *, global_pruning: bool,
                 iterative_steps: int, round_to: int | None, ignored: list[nn.Module],
                 compensate: bool, max_batches: int | None, seed: int,
-                widths: Sequence[StaticWidth] = ()
+                widths: Sequence[StaticWidth] = (),
+                between_steps: Callable[[nn.Module, dict[str, list[int]]], Any] | None = None
                 ) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
-    """Prune ``model`` in place; returns the original indices of the kept outputs and inputs."""
+    """Prune ``model`` in place; returns the original indices of the kept outputs and inputs.
+    ``between_steps(model, kept_outputs)`` runs after every iterative step but the last (the
+    repair, so that the next step scores a repaired model)."""
     checked = _CheckedImportance(importance)
     tracker = _ChannelTracker(model)
     plan = architectures.plan_for(model)
@@ -234,7 +254,7 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
                 "around the unsupported operation (often a reshape, e.g. a channel shuffle) "
                 "in ignored_layers, or try another example_inputs size") from exc
         ties.couple(pruner.DG)
-        for _ in range(iterative_steps):
+        for step in range(iterative_steps):
             _prepare_gradients(importance, model, data, max_batches)
             means = consumer_input_means(model, data, max_batches=max_batches) \
                 if compensate else None
@@ -246,6 +266,9 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
                 ties.retie()
             for p in model.parameters():
                 p.grad = None
+            if between_steps is not None and step < iterative_steps - 1:
+                with torch.no_grad():
+                    between_steps(model, tracker.kept()[0])
     for fix in plan.after:
         fix(model)
     update_widths(model, list(widths))

@@ -150,3 +150,21 @@ def test_a_shuffling_loader_gives_the_fit_of_the_same_samples_in_order():
                     progress=False)
         fits.append(pruned.weight.detach().clone())
     torch.testing.assert_close(fits[1], fits[0], rtol=1e-9, atol=1e-9)
+
+
+def test_iterative_pruning_repairs_between_steps(monkeypatch):
+    import fxgndi.pruning.width as width
+    calls = []
+    real = width.repair_model
+    monkeypatch.setattr(width, "repair_model", lambda model, *a, **k: calls.append(
+        sum(p.numel() for p in model.parameters())) or real(model, *a, **k))
+    model = make_tiny()
+    data = [(torch.randn(16, 2, 6, 6), torch.randint(0, 3, (16,))) for _ in range(2)]
+    r = fxgndi.prune(model, data, sparsity=0.5, importance="l1", iterative_steps=2)
+    # once between the two steps (on the half-pruned model), once at the end
+    final = sum(p.numel() for p in r.model.parameters())
+    assert len(calls) == 2 and calls[0] > calls[1] == final
+    plain = fxgndi.prune(model, data, sparsity=0.5, importance="l1", iterative_steps=2,
+                         repair=False)
+    assert len(calls) == 3  # no repair between the steps: only the (empty) final call
+    assert plain.model.conv2.out_channels == r.model.conv2.out_channels
