@@ -127,9 +127,9 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
                            between_steps=repair_between if between else None)
         return work, kept
 
-    # Iterative pruning repairs between its steps (each step then scores a repaired model);
-    # the ratio search runs without (the widths of local pruning do not depend on the scores)
-    # and the found ratio is pruned once more with it.
+    # Iterative pruning repairs between its steps (each step then scores a repaired model).
+    # The widths of local pruning do not depend on the scores, so its ratio search runs without
+    # and the found ratio is pruned once more with it; global pruning searches with it.
     step_fixes = replace(fixes, finetune=None)
 
     def repair_step(work: nn.Module, kept_outputs: dict[str, list[int]]) -> None:
@@ -148,8 +148,10 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
                                 between=repair_between is not None)
     else:
         measure = _reduction_measure(target, macs0 if target == "macs" else params0, example)
-        ratio, (pruned, kept) = _search_ratio(run_once, measure, sparsity, tolerance, target)
-        if inplace or repair_between is not None:
+        search_between = repair_between is not None and global_pruning
+        ratio, (pruned, kept) = _search_ratio(
+            lambda r: run_once(r, between=search_between), measure, sparsity, tolerance, target)
+        if inplace or (repair_between is not None and not search_between):
             pruned, kept = run_once(ratio, model if inplace else None,
                                     between=repair_between is not None)
     _check_runs(pruned, example, untraceable=_UNTRACED in skipped)
