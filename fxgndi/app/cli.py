@@ -84,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # one clear line unless --debug
         if args.debug:
             raise
-        print(f"fxgndi: error: {exc}", file=sys.stderr)
+        hint = (" (on the command line: --leaf-module NAME, --concrete-arg NAME=VALUE)"
+                if type(exc).__name__ == "UntraceableModelError" else "")
+        print(f"fxgndi: error: {exc}{hint}", file=sys.stderr)
         return 1
     return 0
 
@@ -305,6 +307,14 @@ def _model_args(p: argparse.ArgumentParser, *, roles: bool = False) -> None:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--strict", action="store_true",
                    help="fail on an unreadable image instead of skipping it (ImageFolder)")
+    p.add_argument("--concrete-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="fix a forward argument while tracing, e.g. return_features=False "
+                        "(a Python literal; repeatable)")
+    p.add_argument("--leaf-module", action="append", default=[], metavar="NAME",
+                   help="keep this module opaque to torch.fx (repeatable)")
+    p.add_argument("--output", default=None, metavar="KEY",
+                   help="which entry of a dict / tuple output to read (a key or an index; "
+                        "default: a dict's logits or out, a tuple's first)")
 
 
 def _long_run_args(p: argparse.ArgumentParser) -> None:
@@ -316,6 +326,28 @@ def _long_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from --run-state (same command, same data)")
     p.add_argument("--save-every", type=int, default=50, metavar="N")
+
+
+def _trace_kwargs(args) -> dict[str, Any]:
+    """The run options that say how to trace and read the model (--concrete-arg,
+    --leaf-module, --output)."""
+    import ast
+    concrete = {}
+    for item in args.concrete_arg:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise ValueError(f"--concrete-arg {item!r}: write NAME=VALUE, e.g. "
+                             "return_features=False")
+        try:
+            concrete[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--concrete-arg {item!r}: the value must be a Python literal "
+                             "(False, 3, 'mode', None)") from None
+    output = args.output
+    if output is not None and output.lstrip("-").isdigit():
+        output = int(output)
+    return {"concrete_args": concrete or None, "leaf_modules": tuple(args.leaf_module),
+            "output": output}
 
 
 def _long_run_kwargs(args) -> dict[str, Any]:
@@ -434,7 +466,7 @@ def _run_validate(args) -> None:
     report = validate(model, data, importances=args.importances, truth=args.truth,
                       granularity=args.granularity, sites=args.sites, baseline=args.baseline,
                       n_channels=args.n_channels, n_boot=args.n_boot, seed=args.seed,
-                      progress=not args.quiet)
+                      progress=not args.quiet, **_trace_kwargs(args))
     _emit(args, report)
 
 
@@ -446,7 +478,7 @@ def _run_prune(args) -> None:
     result = prune(model, data, sparsity=args.sparsity, target=args.target,
                    importance=args.importance, global_pruning=args.global_pruning,
                    round_to=args.round_to, repair=_repair(args, compensate=args.compensate),
-                   seed=args.seed, progress=not args.quiet)
+                   seed=args.seed, progress=not args.quiet, **_trace_kwargs(args))
     _finish_pruning(args, model, data, result,
                     scored=args.importance in ("gndi", "ablation", "weight_taylor", "hessian"))
 
@@ -548,7 +580,8 @@ def _run_prune_depth(args) -> None:
     result = prune_depth(model, data, n_blocks=args.blocks, target=args.target,
                          sparsity=args.sparsity, importance=args.importance,
                          baseline=args.baseline, greedy=args.greedy, steps=args.steps,
-                         repair=_repair(args), seed=args.seed, progress=not args.quiet)
+                         repair=_repair(args), seed=args.seed, progress=not args.quiet,
+                         **_trace_kwargs(args))
     _finish_pruning(args, model, data, result, scored=args.importance != "random")
 
 
@@ -568,7 +601,7 @@ def _run_sites(args) -> None:
     from fxgndi.core.streams import first_batch
     model, data = _load(args)
     graph = intervene(model, args.sites, granularity=args.granularity,
-                      example_inputs=first_batch(data))
+                      example_inputs=first_batch(data), **_trace_kwargs(args))
     if args.json:
         print(json.dumps([{"name": s.name, "kind": s.kind, "shape": s.shape,
                            "channels": s.channels} for s in graph.sites], indent=2))
@@ -582,7 +615,8 @@ def _run_score(args) -> None:
     _emit(args, score(model, data, sites=args.sites, granularity=args.granularity,
                       baseline=args.baseline, p=args.p, steps=args.steps, readout=args.readout,
                       mode=args.mode, probes=args.probes, seed=args.seed,
-                      progress=not args.quiet, **_long_run_kwargs(args)))
+                      progress=not args.quiet, **_long_run_kwargs(args),
+                      **_trace_kwargs(args)))
 
 
 def _run_ablate(args) -> None:
@@ -590,6 +624,7 @@ def _run_ablate(args) -> None:
     model, data = _load(args)
     _emit(args, ablate(model, data, sites=args.sites, granularity=args.granularity,
                        baseline=args.baseline, metric=args.metric, progress=not args.quiet,
+                       **_trace_kwargs(args),
                        **_long_run_kwargs(args)))
 
 

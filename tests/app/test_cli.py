@@ -243,3 +243,17 @@ def test_under_torchrun_an_unusable_device_is_one_line_from_rank_0(tmp_path):
     assert run.returncode != 0
     lines = [line for line in (run.stdout + run.stderr).splitlines() if "fxgndi: error" in line]
     assert lines == [lines[0]] and "CUDA is not available here" in lines[0]
+
+
+def test_trace_options_reach_the_verbs(capsys, monkeypatch):
+    """--concrete-arg (a Python literal), --leaf-module and --output become run options."""
+    import fxgndi.gndi.estimate as estimate
+    seen = {}
+    real = estimate.score
+    monkeypatch.setattr(estimate, "score", lambda *a, **k: seen.update(k) or real(*a, **k))
+    assert main(["score", *COMMON, "--sites", "layer4.*", "--concrete-arg", "flag=False",
+                 "--leaf-module", "layer1", "--output", "0", "--json"]) == 0
+    assert seen["concrete_args"] == {"flag": False} and seen["leaf_modules"] == ("layer1",)
+    assert seen["output"] == 0
+    assert main(["score", *COMMON, "--concrete-arg", "flag"]) == 1
+    assert "NAME=VALUE" in capsys.readouterr().err
