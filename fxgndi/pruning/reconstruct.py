@@ -110,7 +110,7 @@ def consumers(pruned: nn.Module, dense: nn.Module) -> list[str]:
 
 def reconstruct(pruned: nn.Module, dense: nn.Module, data: Iterable, *,
                 layers: Sequence[str] | None = None,
-                kept_outputs: dict[str, Sequence[int]] | None = None, ridge: float = 1e-4,
+                kept_outputs: dict[str, Sequence[int]] | None = None, ridge: float = 1e-3,
                 max_batches: int | None = None, max_memory: int | None = None,
                 progress: bool = True) -> ReconstructionReport:
     """Refit ``layers`` of ``pruned`` (default: :func:`consumers`) in place, in the order the

@@ -227,8 +227,8 @@ def test_cli_prune_depth(capsys):
     assert main(["prune-depth", *common, "--blocks", "1", "--importance", "random",
                  "--finetune-epochs", "1", "--recalibrate-bn"]) == 0
     out = capsys.readouterr().out
-    assert "pruned, BatchNorm recalibrated, untrained" in out
-    assert "pruned, then fine-tuned 1 epoch(s) at peak lr 0.0001" in out
+    assert "pruned and repaired (BatchNorm recalibration), untrained" in out
+    assert "then fine-tuned 1 epoch(s) at peak lr 0.0001" in out
     assert "the train split (8 samples) for BatchNorm recalibration and fine-tuning" in out
 
 
