@@ -65,7 +65,7 @@ def _fake_report(baseline: str) -> SimpleNamespace:
 def _fake_pruning() -> list[dict]:
     return [{"method": "depth", "macs_removed": 0.5, "params_removed": 0.5,
              "test_accuracy": 0.5, "test_accuracy_bn_recalibrated": 0.9,
-             "test_accuracy_finetuned": 0.95}]
+             "test_accuracy_repaired": 0.92, "test_accuracy_finetuned": 0.95}]
 
 
 def test_docs_demo_md_has_the_layout_the_demo_writes_now():
