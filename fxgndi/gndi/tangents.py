@@ -4,19 +4,21 @@
   under ``vmap`` over one-hot output cotangents), whatever the number of sites or channels;
 * forward mode: one ``torch.func.jvp`` per site or channel (``vmap`` over one-hot tangents),
   also the engine of the path-integrated estimator, whose points differ per site;
-* probes (p = 2): ``E_z[(z^T J v)^2] = ||J v||^2`` with Rademacher ``z``, for wide heads.
+* probes (p = 2): ``E_z[(z^T J v)^2] = ||J v||^2`` with Rademacher ``z``, for wide heads
+  (``R`` projections instead of K outputs; :func:`choose_mode` picks them for ``auto``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn  # noqa: F401  (doctests)
 
 from fxgndi.fx.intervention import InterventionGraph, intervene  # noqa: F401  (doctests)
 from fxgndi.gndi.readouts import readout
+from fxgndi.gndi.run import batch_seed
 from fxgndi.gndi.scores import Unit
 
 SAMPLES_PER_CHUNK = 256  # vmapped batch size (chunk x B) kept under this by default
@@ -35,6 +37,29 @@ def reverse_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor 
         >>> reverse_tangents(g, torch.randn(4, 3), None)["0"].shape
         torch.Size([4, 2])
     """
+    parts: list[dict[str, torch.Tensor]] = []
+    each_reverse_chunk(graph, x, y, parts.append, kind, chunk_size, cotangents)
+    return {name: torch.cat([part[name] for part in parts], -1) for name in parts[0]}
+
+
+def each_reverse_chunk(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None,
+                       fn: Callable[[dict[str, torch.Tensor]], Any], kind: str = "logits",
+                       chunk_size: int | None = None,
+                       cotangents: torch.Tensor | None = None) -> None:
+    """:func:`reverse_tangents` one chunk of cotangents at a time: ``fn`` gets each chunk's
+    tangents (site -> [B, (C,) chunk]), so that a caller who reduces them holds one chunk.
+
+    One forward pass (``torch.func.vjp``) serves every chunk; ``chunk_size`` cotangents are
+    ``vmap``-ed together (default: about SAMPLES_PER_CHUNK samples' worth).
+
+    Example:
+        >>> g = intervene(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 4)), sites="linear")
+        >>> seen = []
+        >>> each_reverse_chunk(g, torch.randn(2, 3), None, lambda t: seen.append(t["0"].shape),
+        ...                    chunk_size=3)
+        >>> seen
+        [torch.Size([2, 3]), torch.Size([2, 1])]
+    """
     alphas = zero_alphas(graph, x)
 
     def f(a: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -47,8 +72,9 @@ def reverse_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor 
             eye = torch.eye(k, dtype=out.dtype, device=out.device)
             cotangents = eye[:, None, :].expand(k, out.shape[0], k)
         chunk = chunk_size or max(1, SAMPLES_PER_CHUNK // x.shape[0])
-        (grads,) = torch.func.vmap(vjp_fn, chunk_size=chunk)(cotangents)
-    return {name: g.movedim(0, -1) for name, g in grads.items()}
+        for lo in range(0, cotangents.shape[0], chunk):
+            (grads,) = torch.func.vmap(vjp_fn)(cotangents[lo:lo + chunk])
+            fn({name: g.movedim(0, -1) for name, g in grads.items()})
 
 
 def forward_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None,
@@ -107,6 +133,43 @@ def probe_norms(graph, x, y, kind, z, chunk_size, units) -> torch.Tensor:
     rms = {name: t.pow(2).mean(-1).sqrt() for name, t in projections.items()}
     cols = [rms[s] if c is None else rms[s][:, c] for s, c in units]
     return torch.stack(cols, 1)
+
+
+def choose_mode(mode: str, outputs: int, probes: int, p: float, *, units: int | None = None,
+                steps: int = 1) -> str:
+    """The tangent mode that ``mode="auto"`` stands for; any other mode is returned as it is.
+
+    Path integration (``steps > 1``) needs forward mode. Otherwise the cheaper exact mode:
+    reverse (one VJP per readout output) or forward (one JVP per unit; ``units=None`` where it
+    is not offered); but when even that costs more than ``probes`` passes (a readout wider
+    than ``probes``: an ImageNet head) and p = 2, the ``probes`` Rademacher VJPs.
+
+    Example:
+        >>> choose_mode("auto", 10, 16, 2), choose_mode("auto", 1000, 16, 2)
+        ('reverse', 'probe')
+        >>> choose_mode("auto", 1000, 16, 2, units=12), choose_mode("auto", 1000, 16, 1)
+        ('forward', 'reverse')
+    """
+    if mode != "auto":
+        return mode
+    if steps > 1:
+        return "forward"
+    exact, cost = ("forward", units) if units is not None and units < outputs \
+        else ("reverse", outputs)
+    return "probe" if p == 2 and cost > probes else exact
+
+
+def probe_signs(seed: int, index: int, probes: int, batch: int, width: int) -> torch.Tensor:
+    """The Rademacher signs [probes, batch, width] (+-1, int64) of batch ``index`` of a run
+    seeded with ``seed``: drawn per batch, so that shards, resumed runs and repeated runs agree.
+
+    Example:
+        >>> z = probe_signs(0, 3, 2, 4, 5)
+        >>> z.shape, sorted(z.unique().tolist()), torch.equal(z, probe_signs(0, 3, 2, 4, 5))
+        (torch.Size([2, 4, 5]), [-1, 1], True)
+    """
+    generator = torch.Generator().manual_seed(batch_seed(seed, index))
+    return 2 * torch.randint(0, 2, (probes, batch, width), generator=generator) - 1
 
 
 def zero_alphas(graph: InterventionGraph, x: torch.Tensor) -> dict[str, torch.Tensor]:
