@@ -133,8 +133,7 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
                 "ignored_layers": ignored_names, "importance_options": {},
                 "architectures": plan.families}
     if isinstance(scorer, GroupEffectImportance):
-        settings["importance_options"].update(baseline=scorer.baseline, readout=scorer.readout,
-                                              p=scorer.p)
+        settings["importance_options"].update(scorer.options())
         settings["scoring_seconds"] = scorer.seconds
     return PruneResult(model=pruned, macs_before=int(macs0), macs_after=int(macs1),
                        params_before=int(params0), params_after=int(params1),
@@ -381,6 +380,7 @@ def _make_importance(importance: Any, data: Iterable, compensate: bool, opts: An
                                baseline="channel-mean" if compensate else "zero",
                                consumers=plan.consumers, max_batches=opts.max_batches,
                                progress=opts.progress, chunk_size=opts.chunk_size,
+                               max_memory=opts.max_memory, seed=opts.seed,
                                leaf_modules=opts.leaf_modules)
     return make_importance(importance)
 
