@@ -18,9 +18,10 @@ with the hook-based JVPs to 1e-4 relative (``max |a - b| / max |b|``), prints PA
 exits non-zero on FAIL.
 
 With ``--pruning-cost`` it measures instead what G-NDI pruning costs on wide heads: for every
-model (1000 classes by default, BatchNorm statistics and affines randomised, seeded; the same
-``--samples`` images and labels for every method, one run), the wall time of one
-``fxgndi.prune`` call (``target="channels"``, ``--sparsity``) per importance: ``l1``,
+model (1000 classes by default, BatchNorm statistics and affines randomised, seeded, or
+``--batchnorm recalibrated``; the same ``--samples`` images and labels for every method, one
+run), the wall time of one ``fxgndi.prune`` call (``target="channels"``, ``--sparsity``) per
+importance: ``l1``,
 ``weight_taylor`` (torch-pruning's GroupTaylorImportance), ``gndi`` by name with its defaults
 (``auto``: probes on a head wider than the default R), G-NDI with ``R`` probes for every
 ``--probes`` R, and exact G-NDI (one VJP per output); then the probe-vs-exact agreement on the
@@ -363,10 +364,14 @@ def pruning_cost_model(name: str, args: argparse.Namespace,
     from fxgndi.pruning.architectures import plan_for
     from fxgndi.pruning.importance import GNDIImportance
 
-    model = randomize_batchnorm(build_model(name, args.image_size, args.seed, args.num_classes),
-                                args.seed)
+    model = build_model(name, args.image_size, args.seed, args.num_classes)
     data = pruning_batches(args.samples, args.batch, args.image_size, args.num_classes,
                            args.seed)
+    if args.batchnorm == "random":
+        randomize_batchnorm(model, args.seed)
+    else:  # the statistics of these batches, affines 1 and 0: channels alike by construction
+        from fxgndi.pruning.recalibrate import recalibrate_bn
+        recalibrate_bn(model, data)
     consumers = plan_for(model).consumers
     common = dict(sparsity=args.sparsity, max_memory=args.max_memory, seed=args.seed)
 
@@ -444,7 +449,7 @@ def run_pruning_cost(args: argparse.Namespace) -> int:
     info = machine()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     print(f"config: {args.samples} samples in batches of {args.batch}, {args.image_size} px, "
-          f"{args.num_classes} outputs, BatchNorms randomised, target channels, sparsity "
+          f"{args.num_classes} outputs, BatchNorms {args.batchnorm}, target channels, sparsity "
           f"{args.sparsity}, probes {args.probes}, default R "
           f"{fxgndi.core.names.DEFAULT_PROBES}, seed {args.seed}, one run per method")
     start = time.perf_counter()
@@ -539,6 +544,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="probe counts R of the gndi-probes rows and the agreement table")
     cost.add_argument("--sparsity", type=float, default=0.3,
                       help="fraction of channels removed (target channels)")
+    cost.add_argument("--batchnorm", choices=("random", "recalibrated"), default="random",
+                      help="random: BatchNorm statistics and affines drawn uniformly (channels "
+                           "differ, as in trained models); recalibrated: the statistics of the "
+                           "scored batches with unit affines (channels nearly alike: the hard "
+                           "case for ranking)")
     cost.add_argument("--max-memory", default=None,
                       help="G-NDI's max_memory, e.g. 8GB (exact scoring of a 224 px model on "
                            "a 32-sample batch can need more than the machine has)")

@@ -47,8 +47,9 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *,
         p: the norm of the change of the readout.
         mode: how the tangents are computed: ``reverse`` (K VJPs), ``forward`` (one JVP per
             unit), ``probe`` (``probes`` Rademacher VJPs, p = 2 only) or ``auto`` (the
-            cheaper exact one, or the probes when both cost more than ``probes`` passes: a
-            wide head and many units, p = 2; :func:`fxgndi.gndi.tangents.choose_mode`).
+            cheaper exact one, or the probes when that costs at least twice as many passes:
+            a head and a unit count both >= 2 x ``probes``, p = 2;
+            :func:`fxgndi.gndi.tangents.choose_mode`).
             ``meta["mode"]`` says which ran.
         channels: score only these ``(site, channel)`` pairs (implies channel granularity);
             forward mode then costs one JVP per listed channel.

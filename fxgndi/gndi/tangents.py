@@ -5,13 +5,14 @@
 * forward mode: one ``torch.func.jvp`` per site or channel (``vmap`` over one-hot tangents),
   also the engine of the path-integrated estimator, whose points differ per site;
 * probes (p = 2): ``E_z[(z^T J v)^2] = ||J v||^2`` with Rademacher ``z``, for wide heads
-  (``R`` projections instead of K outputs; :func:`choose_mode` picks them for ``auto``).
+  (``R`` projections instead of K outputs; ``auto`` takes them for K >= 2R: :func:`choose_mode`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Sequence
+import math
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 import torch.nn as nn  # noqa: F401  (doctests)
@@ -22,6 +23,11 @@ from fxgndi.gndi.run import batch_seed
 from fxgndi.gndi.scores import Unit
 
 SAMPLES_PER_CHUNK = 256  # vmapped batch size (chunk x B) kept under this by default
+# Reverse mode: site elements (per sample x samples x cotangents) vmapped at once by default.
+# On CPU a vmapped backward over large activations is slower per cotangent than one at a time
+# (resnet18, 112 px, 32 samples, one thread: 0.60 s per cotangent vmapped 1, 0.78 s vmapped
+# 8), over small ones faster (32 px, 8 samples: 26 ms at 1, 14 ms at 4 to 8).
+ELEMENTS_PER_CHUNK = 2 ** 23
 
 
 def reverse_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None,
@@ -44,13 +50,14 @@ def reverse_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor 
 
 def each_reverse_chunk(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None,
                        fn: Callable[[dict[str, torch.Tensor]], Any], kind: str = "logits",
-                       chunk_size: int | None = None,
-                       cotangents: torch.Tensor | None = None) -> None:
+                       chunk_size: int | None = None, cotangents: torch.Tensor | None = None,
+                       sites: Collection[str] | None = None) -> None:
     """:func:`reverse_tangents` one chunk of cotangents at a time: ``fn`` gets each chunk's
     tangents (site -> [B, (C,) chunk]), so that a caller who reduces them holds one chunk.
 
     One forward pass (``torch.func.vjp``) serves every chunk; ``chunk_size`` cotangents are
-    ``vmap``-ed together (default: about SAMPLES_PER_CHUNK samples' worth).
+    ``vmap``-ed together (default :func:`reverse_chunk`). ``sites`` (default all) limits the
+    tangents to those sites: the backward pass stops at the earliest of them.
 
     Example:
         >>> g = intervene(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 4)), sites="linear")
@@ -60,7 +67,7 @@ def each_reverse_chunk(graph: InterventionGraph, x: torch.Tensor, y: torch.Tenso
         >>> seen
         [torch.Size([2, 3]), torch.Size([2, 1])]
     """
-    alphas = zero_alphas(graph, x)
+    alphas = zero_alphas(graph, x, sites)
 
     def f(a: dict[str, torch.Tensor]) -> torch.Tensor:
         return readout(graph(x, alphas=a), y, kind)
@@ -71,10 +78,28 @@ def each_reverse_chunk(graph: InterventionGraph, x: torch.Tensor, y: torch.Tenso
             k = out.shape[-1]
             eye = torch.eye(k, dtype=out.dtype, device=out.device)
             cotangents = eye[:, None, :].expand(k, out.shape[0], k)
-        chunk = chunk_size or max(1, SAMPLES_PER_CHUNK // x.shape[0])
+        chunk = chunk_size or reverse_chunk(graph, x.shape[0])
         for lo in range(0, cotangents.shape[0], chunk):
             (grads,) = torch.func.vmap(vjp_fn)(cotangents[lo:lo + chunk])
             fn({name: g.movedim(0, -1) for name, g in grads.items()})
+
+
+def reverse_chunk(graph: InterventionGraph, batch: int) -> int:
+    """The default number of cotangents ``vmap``-ed together for ``batch`` samples: about
+    ELEMENTS_PER_CHUNK site elements (SAMPLES_PER_CHUNK samples before the sites' shapes are
+    known).
+
+    Example:
+        >>> g = intervene(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), sites="linear")
+        >>> reverse_chunk(g, 8)
+        32
+        >>> _ = g.describe(torch.zeros(1, 3)); reverse_chunk(g, 8)  # 2 ** 23 // (8 * (4 + 2))
+        174762
+    """
+    if any(s.shape is None for s in graph.sites):
+        return max(1, SAMPLES_PER_CHUNK // batch)
+    per_sample = sum(math.prod(s.shape) for s in graph.sites) or 1
+    return max(1, ELEMENTS_PER_CHUNK // (batch * per_sample))
 
 
 def forward_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None,
@@ -141,13 +166,14 @@ def choose_mode(mode: str, outputs: int, probes: int, p: float, *, units: int | 
 
     Path integration (``steps > 1``) needs forward mode. Otherwise the cheaper exact mode:
     reverse (one VJP per readout output) or forward (one JVP per unit; ``units=None`` where it
-    is not offered); but when even that costs more than ``probes`` passes (a readout wider
-    than ``probes``: an ImageNet head) and p = 2, the ``probes`` Rademacher VJPs.
+    is not offered); but when that costs at least twice the ``probes`` passes (a readout at
+    least ``2 * probes`` wide: an ImageNet head, not a 10-class one) and p = 2, the ``probes``
+    Rademacher VJPs: an estimate is worth its noise only where it halves the cost.
 
     Example:
-        >>> choose_mode("auto", 10, 16, 2), choose_mode("auto", 1000, 16, 2)
+        >>> choose_mode("auto", 10, 8, 2), choose_mode("auto", 1000, 8, 2)
         ('reverse', 'probe')
-        >>> choose_mode("auto", 1000, 16, 2, units=12), choose_mode("auto", 1000, 16, 1)
+        >>> choose_mode("auto", 1000, 8, 2, units=12), choose_mode("auto", 1000, 8, 1)
         ('forward', 'reverse')
     """
     if mode != "auto":
@@ -156,7 +182,7 @@ def choose_mode(mode: str, outputs: int, probes: int, p: float, *, units: int | 
         return "forward"
     exact, cost = ("forward", units) if units is not None and units < outputs \
         else ("reverse", outputs)
-    return "probe" if p == 2 and cost > probes else exact
+    return "probe" if p == 2 and cost >= 2 * probes else exact
 
 
 def probe_signs(seed: int, index: int, probes: int, batch: int, width: int) -> torch.Tensor:
@@ -172,14 +198,16 @@ def probe_signs(seed: int, index: int, probes: int, batch: int, width: int) -> t
     return 2 * torch.randint(0, 2, (probes, batch, width), generator=generator) - 1
 
 
-def zero_alphas(graph: InterventionGraph, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def zero_alphas(graph: InterventionGraph, x: torch.Tensor,
+                sites: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """Alphas 0 [B] (layer) or [B, C] (channel) for every site, or for ``sites``."""
     b = x.shape[0]
     dtype = next(graph.parameters()).dtype if any(True for _ in graph.parameters()) \
         else torch.float32
+    chosen = [s for s in graph.sites if sites is None or s.name in sites]
     if graph.granularity == "layer":
-        return {s.name: torch.zeros(b, dtype=dtype, device=x.device) for s in graph.sites}
-    return {s.name: torch.zeros(b, s.channels, dtype=dtype, device=x.device)
-            for s in graph.sites}
+        return {s.name: torch.zeros(b, dtype=dtype, device=x.device) for s in chosen}
+    return {s.name: torch.zeros(b, s.channels, dtype=dtype, device=x.device) for s in chosen}
 
 
 def one_hot_alphas(graph: InterventionGraph, x: torch.Tensor,

@@ -22,7 +22,7 @@ Per group and sample, the K-vector tangents of all the group's taps are summed p
 All tangents come from one channel-granularity InterventionGraph by vector-Jacobian products,
 shared by every group: K per batch (one per readout output), or, for a wide head (an ImageNet
 classifier: K = 1000), R Rademacher projections of the readout (``mode="probe"``, chosen by
-``"auto"`` when K > R; p = 2), the group's tangents summed before the projection, as projecting
+``"auto"`` when K >= 2R; p = 2), the group's tangents summed before the projection, as projecting
 is linear too. Memory: ``B x (sum of consumer input channels) x chunk`` tangents at a time (the
 norms are reduced one chunk of outputs or probes at a time), planned by ``max_memory``. The
 scores of all groups are computed in one pass over the data and cached by a fingerprint of the
@@ -180,7 +180,8 @@ def group_effects(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | N
                 sums[key] += part
 
     if plans:
-        each_reverse_chunk(graph, x, y, reduce, readout, chunk_size, cotangents)
+        taps = {tap for plan in plans.values() for tap, _, _ in plan.entries}
+        each_reverse_chunk(graph, x, y, reduce, readout, chunk_size, cotangents, taps)
     if cotangents is not None:
         return {key: (v / cotangents.shape[0]).sqrt() for key, v in sums.items()}
     return {key: v if math.isinf(p) else v.pow(1 / p) for key, v in sums.items()}
@@ -349,8 +350,8 @@ class GroupEffectImportance(tp.importance.Importance):
             site.channel_dim = tap.channel_dim  # a Linear reading NHWC has channels last
         device = device_of(model)
         with eval_mode(graph):
-            if self.baseline == "zero":
-                graph.describe(first_batch(iter_batches(self.data, device=device)))
+            if self.baseline == "zero":  # shapes are per sample: one sample records them
+                graph.describe(first_batch(iter_batches(self.data, device=device))[:1])
             else:
                 means = calibrate(graph, self.data, kind=self.baseline,
                                   max_batches=self.run.max_batches)
@@ -416,9 +417,11 @@ class GNDIImportance(GroupEffectImportance):
         mode: ``"reverse"``: exact, one VJP per readout output (K of them: 1000 for an
             ImageNet head); ``"probe"``: ``probes`` Rademacher projections of the readout
             (``E_z (z^T J v)^2 = ||J v||^2``; p = 2 only), each group's tangents summed before
-            the projection; ``"auto"`` (default): probes when the readout is wider than
-            ``probes`` and p = 2, else reverse (:func:`fxgndi.gndi.tangents.choose_mode`, as
-            :func:`fxgndi.score`). :attr:`chosen_mode` says which ran.
+            the projection; ``"auto"`` (default): probes when the readout has at least
+            ``2 * probes`` outputs (they halve the cost at least) and p = 2, else reverse
+            (:func:`fxgndi.gndi.tangents.choose_mode`, as :func:`fxgndi.score`): a 10-class
+            head stays exact, an ImageNet head takes probes. :attr:`chosen_mode` says which
+            ran.
         probes: the number R of projections (default ``DEFAULT_PROBES``, chosen by measurement:
             README, wide heads). The signs are drawn per batch from the run option ``seed``, so
             a run is reproducible.
@@ -555,19 +558,20 @@ def model_fingerprint(model: nn.Module) -> tuple:
         False
     """
     tensors = [*model.named_parameters(), *model.named_buffers()]
+    weights: dict[torch.device, torch.Tensor] = {}
     with torch.no_grad():
-        sums = [_checksums(t.detach()) for _, t in tensors]
+        sums = []
+        for _, t in tensors:
+            v = t.detach().reshape(-1).to(torch.float64)
+            w = weights.get(v.device)
+            if w is None or w.numel() < v.numel():  # 1, 2, ..., 1021, 1, 2, ...: a
+                w = torch.arange(max(v.numel(), 1 << 16), dtype=torch.float64,  # permutation
+                                 device=v.device).remainder_(1021).add_(1)  # changes the sum
+                weights[v.device] = w
+            sums.append(torch.stack([v.sum(), (v * w[:v.numel()]).sum()]))
         values = torch.stack(sums).cpu().tolist() if sums else []
     return tuple((n, tuple(t.shape), str(t.dtype), str(t.device), *v)
                  for (n, t), v in zip(tensors, values))
-
-
-def _checksums(t: torch.Tensor) -> torch.Tensor:
-    """[sum, sum of i-weighted values] of a tensor in float64 (the weights make a permutation
-    of the values count)."""
-    v = t.reshape(-1).to(torch.float64)
-    weights = torch.arange(v.numel(), dtype=torch.float64, device=v.device).remainder_(1021)
-    return torch.stack([v.sum(), (v * weights.add_(1)).sum()])
 
 
 def _group_key(group: Any, names: dict[nn.Module, str]) -> tuple:

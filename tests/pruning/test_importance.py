@@ -115,24 +115,26 @@ def test_probes_converge_to_the_exact_scores_and_auto_picks_them_on_wide_heads()
     torch.testing.assert_close(exact.double(), reference, rtol=1e-5, atol=1e-8)
     many = GNDIImportance(data, mode="probe", probes=3000)(group)
     torch.testing.assert_close(many, exact, rtol=0.05, atol=0)
-    auto = GNDIImportance(data, probes=8)  # 40 outputs > 8 probes
+    auto = GNDIImportance(data, probes=8)  # 40 outputs >= 2 x 8 probes
     torch.testing.assert_close(auto(group), GNDIImportance(data, mode="probe", probes=8)(group))
     assert auto.chosen_mode == "probe" and exact_imp.chosen_mode == "reverse"
     assert auto.options()["probes"] == 8 and exact_imp.options()["probes"] is None
 
 
-def test_auto_keeps_the_exact_mode_when_the_head_is_narrower_than_the_probes():
-    classes = DEFAULT_PROBES  # not wider than R: K reverse passes cost no more than R probes
+def test_auto_keeps_the_exact_mode_unless_the_probes_halve_the_cost():
+    classes = 2 * DEFAULT_PROBES - 1  # R probes would save less than half of K exact passes
     model, data = _model(classes), _data(classes)
     group = _group(model, data[0][0])
     auto = GNDIImportance(data)
     torch.testing.assert_close(auto(group), GNDIImportance(data, mode="reverse")(group),
                                rtol=0, atol=0)
     assert auto.chosen_mode == "reverse"
-    wide = GNDIImportance(data, probes=classes - 1)
-    wide(group)
-    assert wide.chosen_mode == "probe"
-    assert GNDIImportance(data, probes=2, p=1)(group) is not None  # p != 2: exact reverse
+    halving = GNDIImportance(data, probes=classes // 2)
+    halving(group)
+    assert halving.chosen_mode == "probe"
+    exact = GNDIImportance(data, probes=2, p=1)  # p != 2: probes do not estimate it
+    exact(group)
+    assert exact.chosen_mode == "reverse"
 
 
 def test_probe_signs_follow_the_seed():
