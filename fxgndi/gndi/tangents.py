@@ -24,10 +24,12 @@ from fxgndi.gndi.scores import Unit
 
 SAMPLES_PER_CHUNK = 256  # vmapped batch size (chunk x B) kept under this by default
 # Reverse mode: site elements (per sample x samples x cotangents) vmapped at once by default.
-# On CPU a vmapped backward over large activations is slower per cotangent than one at a time
-# (resnet18, 112 px, 32 samples, one thread: 0.60 s per cotangent vmapped 1, 0.78 s vmapped
-# 8), over small ones faster (32 px, 8 samples: 26 ms at 1, 14 ms at 4 to 8).
-ELEMENTS_PER_CHUNK = 2 ** 23
+# On CPU, vmapping a backward over large activations is slower per cotangent than one at a
+# time, over small ones faster (one thread, ms per cotangent, vmapped 1 / 2 / 8 at a time:
+# resnet18 112 px x 32 samples, 17.6M elements each: 595 / 628 / 779; mobilenet_v2 the same,
+# 55M: 677 / 843 / 1545; mobilenet_v2 64 px x 8, 4.4M: 77 / 58 / 60; resnet18 32 px x 8,
+# 0.36M: 26 / 18 / 14).
+ELEMENTS_PER_CHUNK = 2 ** 24
 
 
 def reverse_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None,
@@ -93,8 +95,8 @@ def reverse_chunk(graph: InterventionGraph, batch: int) -> int:
         >>> g = intervene(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), sites="linear")
         >>> reverse_chunk(g, 8)
         32
-        >>> _ = g.describe(torch.zeros(1, 3)); reverse_chunk(g, 8)  # 2 ** 23 // (8 * (4 + 2))
-        174762
+        >>> _ = g.describe(torch.zeros(1, 3)); reverse_chunk(g, 8)  # 2 ** 24 // (8 * (4 + 2))
+        349525
     """
     if any(s.shape is None for s in graph.sites):
         return max(1, SAMPLES_PER_CHUNK // batch)
