@@ -16,9 +16,10 @@ from typing import Any, Callable, Sequence
 
 # Only the vocabulary at import time: `fxgndi --help` must not pay for torch, torch-pruning,
 # scipy or matplotlib. Each subcommand imports what it runs.
-from fxgndi.core.names import (BASELINES, DATA_SPLITS, DEPTH_BASELINES, DEPTH_IMPORTANCES,
-                               DEPTH_TARGETS, EXPORT_FORMATS, GRANULARITIES, METRICS, MODES,
-                               PRUNE_IMPORTANCES, PRUNE_TARGETS, READOUTS, VALIDITY_IMPORTANCES)
+from fxgndi.core.names import (BASELINES, DATA_SPLITS, DEFAULT_PROBES, DEPTH_BASELINES,
+                               DEPTH_IMPORTANCES, DEPTH_TARGETS, EXPORT_FORMATS, GRANULARITIES,
+                               METRICS, MODES, PRUNE_IMPORTANCES, PRUNE_TARGETS, READOUTS,
+                               VALIDITY_IMPORTANCES)
 
 EXAMPLES = """examples:
   fxgndi demo
@@ -120,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     scorer.add_argument("--p", type=float, default=2.0, help="norm of the output change")
     scorer.add_argument("--mode", default="auto", choices=MODES,
                         help="how the tangents are computed (the value is the same)")
-    scorer.add_argument("--probes", type=int, default=64, help="Rademacher probes (probe mode)")
+    scorer.add_argument("--probes", type=int, default=DEFAULT_PROBES,
+                        help="Rademacher probes (probe mode; auto uses them on wide heads; "
+                             "default %(default)s)")
     _long_run_args(scorer)
 
     ablater = _command(sub, "ablate", _run_ablate, "exact effect of do(h := b) at every site",

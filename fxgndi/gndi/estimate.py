@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from fxgndi.core.checks import check_choice, check_finite
-from fxgndi.core.names import METRICS, MODES, READOUTS
+from fxgndi.core.names import DEFAULT_PROBES, METRICS, MODES, READOUTS
 from fxgndi.core.options import RunKwargs, run_options
 from fxgndi.core.runtime import eval_mode
 from fxgndi.fx.intervention import InterventionGraph
@@ -19,9 +19,10 @@ from fxgndi.fx.sites import SiteSpec
 from fxgndi.gndi.ablation import ablated_outputs, effect
 from fxgndi.gndi.memory import memory_meta, pieces, plan_step
 from fxgndi.gndi.readouts import check_labels, readout_width
-from fxgndi.gndi.run import accumulate, batch_seed, prepare
+from fxgndi.gndi.run import accumulate, prepare
 from fxgndi.gndi.scores import Scores, unit_names
-from fxgndi.gndi.tangents import forward_tangents, probe_norms, reverse_tangents, unit_norms
+from fxgndi.gndi.tangents import (choose_mode, forward_tangents, probe_norms, probe_signs,
+                                  reverse_tangents, unit_norms)
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 def score(model: nn.Module | InterventionGraph, data: Iterable, *,
           sites: SiteSpec | None = None, granularity: str | None = None, baseline: Any = None,
           readout: str = "logits", steps: int = 1, p: float = 2, mode: str = "auto",
-          probes: int = 64, channels: Sequence[tuple[str, int]] | None = None,
+          probes: int = DEFAULT_PROBES, channels: Sequence[tuple[str, int]] | None = None,
           **run: Unpack[RunKwargs]) -> Scores:
     """G-NDI importance of every site (or channel): ``E_x || d f(x) / d alpha ||_p``.
 
@@ -46,7 +47,10 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *,
         p: the norm of the change of the readout.
         mode: how the tangents are computed: ``reverse`` (K VJPs), ``forward`` (one JVP per
             unit), ``probe`` (``probes`` Rademacher VJPs, p = 2 only) or ``auto`` (the
-            cheapest exact one).
+            cheaper exact one, or the probes when that costs at least twice as many passes:
+            a head and a unit count both >= 2 x ``probes``, p = 2;
+            :func:`fxgndi.gndi.tangents.choose_mode`).
+            ``meta["mode"]`` says which ran.
         channels: score only these ``(site, channel)`` pairs (implies channel granularity);
             forward mode then costs one JVP per listed channel.
         **run: run options (:class:`fxgndi.RunOptions`): ``device``, ``max_batches``,
@@ -75,6 +79,8 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *,
         raise ValueError(f"steps must be >= 1, not {steps}")
     if p <= 0:
         raise ValueError(f"p must be positive, not {p}")
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"probes must be a positive integer, not {probes!r}")
     if mode == "probe" and p != 2:
         raise ValueError("probe mode estimates the 2-norm only: use p=2 or mode='reverse'")
     if mode in ("reverse", "probe") and steps > 1:
@@ -93,11 +99,9 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *,
             check_labels(graph(x[:1]), y)
         k_out = readout_width(graph, x, y, readout)
         if chosen == "auto":
-            chosen = "forward" if steps > 1 or len(units) < k_out else "reverse"
-        z = None
-        if chosen == "probe":  # drawn per batch, so that shards and resumed runs agree
-            generator = torch.Generator().manual_seed(batch_seed(opts.seed, index))
-            z = (2 * torch.randint(0, 2, (probes, x.shape[0], k_out), generator=generator) - 1)
+            chosen = choose_mode(mode, k_out, probes, p, units=len(units), steps=steps)
+        z = probe_signs(opts.seed, index, probes, x.shape[0], k_out) if chosen == "probe" \
+            else None
 
         def step(xs, ys, chunk, lo=0):  # a path point of this piece: its share of a step
             return unit_norms(graph, xs, ys, readout, chosen, units, p, steps, chunk,
@@ -124,7 +128,7 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *,
 
     baseline_name = _baseline_name(graph, baseline)
     settings = {"estimator": "gndi", "readout": readout, "p": p, "steps": steps, "mode": mode,
-                "probes": probes if mode == "probe" else None, "seed": opts.seed,
+                "probes": None if mode in ("reverse", "forward") else probes, "seed": opts.seed,
                 "baseline": baseline_name, "units": units, "max_batches": opts.max_batches}
     with eval_mode(graph), torch.no_grad():
         stats = accumulate(data, units, norms_of_batch, opts, device=device,
@@ -133,7 +137,8 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *,
                            desc="G-NDI" if steps == 1 else f"G-NDI ({steps} path points)",
                            steps_per_batch=steps)
     meta = {"readout": readout, "p": p, "steps": steps, "mode": chosen,
-            "baseline": baseline_name, "granularity": graph.granularity,
+            **({"probes": probes} if chosen == "probe" else {}), "baseline": baseline_name,
+            "granularity": graph.granularity,
             **memory_meta(opts.max_memory, plan)}
     return Scores(units=units, values=stats.mean.numpy(), stderr=stats.stderr.numpy(),
                   n_samples=stats.count, importance="gndi",

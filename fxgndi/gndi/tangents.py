@@ -4,22 +4,32 @@
   under ``vmap`` over one-hot output cotangents), whatever the number of sites or channels;
 * forward mode: one ``torch.func.jvp`` per site or channel (``vmap`` over one-hot tangents),
   also the engine of the path-integrated estimator, whose points differ per site;
-* probes (p = 2): ``E_z[(z^T J v)^2] = ||J v||^2`` with Rademacher ``z``, for wide heads.
+* probes (p = 2): ``E_z[(z^T J v)^2] = ||J v||^2`` with Rademacher ``z``, for wide heads
+  (``R`` projections instead of K outputs; ``auto`` takes them for K >= 2R: :func:`choose_mode`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+import math
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 import torch.nn as nn  # noqa: F401  (doctests)
 
 from fxgndi.fx.intervention import InterventionGraph, intervene  # noqa: F401  (doctests)
 from fxgndi.gndi.readouts import readout
+from fxgndi.gndi.run import batch_seed
 from fxgndi.gndi.scores import Unit
 
 SAMPLES_PER_CHUNK = 256  # vmapped batch size (chunk x B) kept under this by default
+# Reverse mode: site elements (per sample x samples x cotangents) vmapped at once by default.
+# On CPU, vmapping a backward over large activations is slower per cotangent than one at a
+# time, over small ones faster (one thread, ms per cotangent, vmapped 1 / 2 / 8 at a time:
+# resnet18 112 px x 32 samples, 17.6M elements each: 595 / 628 / 779; mobilenet_v2 the same,
+# 55M: 677 / 843 / 1545; mobilenet_v2 64 px x 8, 4.4M: 77 / 58 / 60; resnet18 32 px x 8,
+# 0.36M: 26 / 18 / 14).
+ELEMENTS_PER_CHUNK = 2 ** 24
 
 
 def reverse_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None,
@@ -35,7 +45,31 @@ def reverse_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor 
         >>> reverse_tangents(g, torch.randn(4, 3), None)["0"].shape
         torch.Size([4, 2])
     """
-    alphas = zero_alphas(graph, x)
+    parts: list[dict[str, torch.Tensor]] = []
+    each_reverse_chunk(graph, x, y, parts.append, kind, chunk_size, cotangents)
+    return {name: torch.cat([part[name] for part in parts], -1) for name in parts[0]}
+
+
+def each_reverse_chunk(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None,
+                       fn: Callable[[dict[str, torch.Tensor]], Any], kind: str = "logits",
+                       chunk_size: int | None = None, cotangents: torch.Tensor | None = None,
+                       sites: Collection[str] | None = None) -> None:
+    """:func:`reverse_tangents` one chunk of cotangents at a time: ``fn`` gets each chunk's
+    tangents (site -> [B, (C,) chunk]), so that a caller who reduces them holds one chunk.
+
+    One forward pass (``torch.func.vjp``) serves every chunk; ``chunk_size`` cotangents are
+    ``vmap``-ed together (default :func:`reverse_chunk`). ``sites`` (default all) limits the
+    tangents to those sites: the backward pass stops at the earliest of them.
+
+    Example:
+        >>> g = intervene(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 4)), sites="linear")
+        >>> seen = []
+        >>> each_reverse_chunk(g, torch.randn(2, 3), None, lambda t: seen.append(t["0"].shape),
+        ...                    chunk_size=3)
+        >>> seen
+        [torch.Size([2, 3]), torch.Size([2, 1])]
+    """
+    alphas = zero_alphas(graph, x, sites)
 
     def f(a: dict[str, torch.Tensor]) -> torch.Tensor:
         return readout(graph(x, alphas=a), y, kind)
@@ -46,9 +80,28 @@ def reverse_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor 
             k = out.shape[-1]
             eye = torch.eye(k, dtype=out.dtype, device=out.device)
             cotangents = eye[:, None, :].expand(k, out.shape[0], k)
-        chunk = chunk_size or max(1, SAMPLES_PER_CHUNK // x.shape[0])
-        (grads,) = torch.func.vmap(vjp_fn, chunk_size=chunk)(cotangents)
-    return {name: g.movedim(0, -1) for name, g in grads.items()}
+        chunk = chunk_size or reverse_chunk(graph, x.shape[0])
+        for lo in range(0, cotangents.shape[0], chunk):
+            (grads,) = torch.func.vmap(vjp_fn)(cotangents[lo:lo + chunk])
+            fn({name: g.movedim(0, -1) for name, g in grads.items()})
+
+
+def reverse_chunk(graph: InterventionGraph, batch: int) -> int:
+    """The default number of cotangents ``vmap``-ed together for ``batch`` samples: about
+    ELEMENTS_PER_CHUNK site elements (SAMPLES_PER_CHUNK samples before the sites' shapes are
+    known).
+
+    Example:
+        >>> g = intervene(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), sites="linear")
+        >>> reverse_chunk(g, 8)
+        32
+        >>> _ = g.describe(torch.zeros(1, 3)); reverse_chunk(g, 8)  # 2 ** 24 // (8 * (4 + 2))
+        349525
+    """
+    if any(s.shape is None for s in graph.sites):
+        return max(1, SAMPLES_PER_CHUNK // batch)
+    per_sample = sum(math.prod(s.shape) for s in graph.sites) or 1
+    return max(1, ELEMENTS_PER_CHUNK // (batch * per_sample))
 
 
 def forward_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None,
@@ -114,14 +167,54 @@ def probe_norms(graph, x, y, kind, z, chunk_size, units) -> torch.Tensor:
     return torch.stack(cols, 1)
 
 
-def zero_alphas(graph: InterventionGraph, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def choose_mode(mode: str, outputs: int, probes: int, p: float, *, units: int | None = None,
+                steps: int = 1) -> str:
+    """The tangent mode that ``mode="auto"`` stands for; any other mode is returned as it is.
+
+    Path integration (``steps > 1``) needs forward mode. Otherwise the cheaper exact mode:
+    reverse (one VJP per readout output) or forward (one JVP per unit; ``units=None`` where it
+    is not offered); but when that costs at least twice the ``probes`` passes (a readout at
+    least ``2 * probes`` wide: an ImageNet head, not a 10-class one) and p = 2, the ``probes``
+    Rademacher VJPs: an estimate is worth its noise only where it halves the cost.
+
+    Example:
+        >>> choose_mode("auto", 10, 8, 2), choose_mode("auto", 1000, 8, 2)
+        ('reverse', 'probe')
+        >>> choose_mode("auto", 1000, 8, 2, units=12), choose_mode("auto", 1000, 8, 1)
+        ('forward', 'reverse')
+    """
+    if mode != "auto":
+        return mode
+    if steps > 1:
+        return "forward"
+    exact, cost = ("forward", units) if units is not None and units < outputs \
+        else ("reverse", outputs)
+    return "probe" if p == 2 and cost >= 2 * probes else exact
+
+
+def probe_signs(seed: int, index: int, probes: int, batch: int, width: int) -> torch.Tensor:
+    """The Rademacher signs [probes, batch, width] (+-1, int64) of batch ``index`` of a run
+    seeded with ``seed``: drawn per batch, so that shards, resumed runs and repeated runs agree.
+
+    Example:
+        >>> z = probe_signs(0, 3, 2, 4, 5)
+        >>> z.shape, sorted(z.unique().tolist()), torch.equal(z, probe_signs(0, 3, 2, 4, 5))
+        (torch.Size([2, 4, 5]), [-1, 1], True)
+    """
+    generator = torch.Generator().manual_seed(batch_seed(seed, index))
+    return 2 * torch.randint(0, 2, (probes, batch, width), generator=generator) - 1
+
+
+def zero_alphas(graph: InterventionGraph, x: torch.Tensor,
+                sites: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """Alphas 0 [B] (layer) or [B, C] (channel) for every site, or for ``sites``."""
     b = x.shape[0]
     dtype = next(graph.parameters()).dtype if any(True for _ in graph.parameters()) \
         else torch.float32
+    chosen = [s for s in graph.sites if sites is None or s.name in sites]
     if graph.granularity == "layer":
-        return {s.name: torch.zeros(b, dtype=dtype, device=x.device) for s in graph.sites}
-    return {s.name: torch.zeros(b, s.channels, dtype=dtype, device=x.device)
-            for s in graph.sites}
+        return {s.name: torch.zeros(b, dtype=dtype, device=x.device) for s in chosen}
+    return {s.name: torch.zeros(b, s.channels, dtype=dtype, device=x.device) for s in chosen}
 
 
 def one_hot_alphas(graph: InterventionGraph, x: torch.Tensor,

@@ -66,6 +66,17 @@ def graph_of(group: Any) -> Any:
     return _internal(group, "_DG")
 
 
+def pruned_groups(dg: Any) -> int:
+    """How many groups have been pruned through ``dg`` (its pruning history): changes whenever
+    torch-pruning prunes the model it describes.
+
+    Example:
+        >>> pruned_groups(tp.DependencyGraph())
+        0
+    """
+    return len(_internal(dg, "pruning_history")())
+
+
 def prunes_inputs_only(dg: Any, handler: Any) -> bool:
     """Whether ``handler`` removes input channels of its layer and not output channels (the
     layer is a *consumer* of the group: conv, linear, LSTM; not BatchNorm or depthwise convs).

@@ -19,10 +19,14 @@ member is "last" in branching groups (DenseNet concatenations, ConvNeXt residual
 
 Per group and sample, the K-vector tangents of all the group's taps are summed per root channel
 (linearity: one alpha drives all of them) before the p-norm; the score is the mean over samples.
-All tangents come from one channel-granularity InterventionGraph by K vector-Jacobian products per
-batch (:func:`fxgndi.gndi.tangents.reverse_tangents`), shared by every group. Memory: one batch of
-tangents, ``B x (sum of consumer input channels) x K`` floats, at a time; scores of all groups are
-computed in one pass over the data and cached until the model's parameters change.
+All tangents come from one channel-granularity InterventionGraph by vector-Jacobian products,
+shared by every group: K per batch (one per readout output), or, for a wide head (an ImageNet
+classifier: K = 1000), R Rademacher projections of the readout (``mode="probe"``, chosen by
+``"auto"`` when K >= 2R; p = 2), the group's tangents summed before the projection, as projecting
+is linear too. Memory: ``B x (sum of consumer input channels) x chunk`` tangents at a time (the
+norms are reduced one chunk of outputs or probes at a time), planned by ``max_memory``. The
+scores of all groups are computed in one pass over the data and cached by a fingerprint of the
+model (see :class:`GroupEffectImportance`).
 
 :class:`GNDIImportance` (the first-order estimate) and :class:`AblationImportance` (the exact
 effect of removing each channel, one forward per channel) share everything but that per-batch
@@ -31,7 +35,10 @@ step: both are built on :class:`GroupEffectImportance`.
 
 from __future__ import annotations
 
+import math
 import time
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -42,20 +49,23 @@ from tqdm.auto import tqdm
 
 from fxgndi.core.checks import check_choice, check_finite
 from fxgndi.core.moments import RunningMoments
-from fxgndi.core.names import BASELINES, READOUTS
+from fxgndi.core.names import BASELINES, DEFAULT_PROBES, PRUNE_MODES, READOUTS
 from fxgndi.core.options import RunKwargs, RunOptions, run_options
 from fxgndi.core.runtime import device_of, eval_mode
 from fxgndi.core.streams import batch_count, first_batch, iter_batches
 from fxgndi.fx.intervention import InterventionGraph, calibrate, intervene
 from fxgndi.fx.taps import Tap, tap_consumers
+from fxgndi.gndi.memory import pieces, plan_step
+from fxgndi.gndi.readouts import check_labels, readout_width
 from fxgndi.gndi.readouts import readout as apply_readout
-from fxgndi.gndi.tangents import SAMPLES_PER_CHUNK, reverse_tangents
-from fxgndi.pruning._tp import ROOT_TYPES, consumer_items, graph_of, normalize
+from fxgndi.gndi.tangents import SAMPLES_PER_CHUNK, choose_mode, each_reverse_chunk, probe_signs
+from fxgndi.pruning._tp import ROOT_TYPES, consumer_items, graph_of, normalize, pruned_groups
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 NORMALIZERS = (None, "mean", "max", "sum", "standarization", "gaussian", "lamp")
+CACHED_MODELS = 8  # scored models kept: the dense model and those of a few iterative steps
 
 
 @dataclass
@@ -117,24 +127,64 @@ def plan_group(group: Any, names: dict[nn.Module, str], taps_of: dict[str, list[
     return GroupPlan(len(root_idxs), entries)
 
 
-def group_norms(tangents: dict[str, torch.Tensor], plan: GroupPlan, p: float) -> torch.Tensor:
-    """Per-sample p-norm [B, size] of each root channel's summed tangent (sum before norm).
+def group_tangents(tangents: dict[str, torch.Tensor], plan: GroupPlan) -> torch.Tensor:
+    """The tangent [B, size, K] of removing each root channel: the sum of the tangents of every
+    tap channel that carries it (linearity: one alpha drives them all), before any norm.
 
-    ``tangents`` maps tap names to [B, C, K] channel tangents.
+    ``tangents`` maps tap names to [B, C, K] channel tangents (K outputs, or R projections).
 
     Example:
         >>> t = {"a": torch.ones(1, 2, 3), "b": torch.ones(1, 1, 3)}
         >>> plan = GroupPlan(2, [("a", torch.tensor([0, 1]), torch.tensor([0, 1])),
         ...                      ("b", torch.tensor([0]), torch.tensor([0]))])
-        >>> group_norms(t, plan, 1)
-        tensor([[6., 3.]])
+        >>> group_tangents(t, plan)[..., 0]
+        tensor([[2., 1.]])
     """
     first = tangents[plan.entries[0][0]]
     total = first.new_zeros(first.shape[0], plan.size, first.shape[-1])
     for tap, chans, positions in plan.entries:
         t = tangents[tap]
         total.index_add_(1, positions.to(t.device), t.index_select(1, chans.to(t.device)))
-    return torch.linalg.vector_norm(total, ord=p, dim=-1)
+    return total
+
+
+def group_effects(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None,
+                  plans: dict[tuple, GroupPlan], readout: str = "logits", p: float = 2,
+                  cotangents: torch.Tensor | None = None, chunk_size: int | None = None
+                  ) -> dict[tuple, torch.Tensor]:
+    """Per-sample G-NDI [B, size] of every planned group on one batch: the p-norm of each root
+    channel's summed tangent (:func:`group_tangents`).
+
+    Exact with ``cotangents=None`` (one VJP per readout output); with Rademacher
+    ``cotangents`` [R, B, K] (p = 2) the estimate ``sqrt(mean_r (z_r^T J v)^2)``: projecting
+    is linear, so the group's tangents are summed before it as well. The norms are reduced one
+    chunk of ``chunk_size`` cotangents at a time, so that only ``B x channels x chunk``
+    tangents are held (:func:`fxgndi.gndi.tangents.each_reverse_chunk`).
+
+    Example:
+        >>> effects = group_effects(graph, x, None, plans)  # doctest: +SKIP
+    """
+    if cotangents is not None and p != 2:
+        raise ValueError("probes estimate the 2-norm only: use p=2 or the exact mode")
+    sums: dict[tuple, torch.Tensor] = {}
+
+    def reduce(tangents: dict[str, torch.Tensor]) -> None:
+        for key, plan in plans.items():
+            total = group_tangents(tangents, plan).abs()
+            part = total.amax(-1) if math.isinf(p) else total.pow(p).sum(-1)
+            if key not in sums:
+                sums[key] = part
+            elif math.isinf(p):
+                torch.maximum(sums[key], part, out=sums[key])
+            else:
+                sums[key] += part
+
+    if plans:
+        taps = {tap for plan in plans.values() for tap, _, _ in plan.entries}
+        each_reverse_chunk(graph, x, y, reduce, readout, chunk_size, cotangents, taps)
+    if cotangents is not None:
+        return {key: (v / cotangents.shape[0]).sqrt() for key, v in sums.items()}
+    return {key: v if math.isinf(p) else v.pow(1 / p) for key, v in sums.items()}
 
 
 def group_ablated_outputs(graph: InterventionGraph, x: torch.Tensor, plan: GroupPlan,
@@ -176,14 +226,25 @@ class GroupEffectImportance(tp.importance.Importance):
     Call it on a torch-pruning group; it returns one score per root channel (a CPU float tensor
     of ``len(group[0].idxs)``). The intervention sets what the consumers read to ``baseline``:
     ``"zero"`` (what removal does) or ``"channel-mean"`` (what removal with compensation does),
-    calibrated on ``data``. The scores of every group of a model come from one pass over the
-    data and are reused until the model changes.
+    calibrated on ``data``.
+
+    Scores are computed for every group of a model in one pass over the data and cached by a
+    fingerprint of the model (:func:`model_fingerprint`: names, shapes and checksums of every
+    parameter and buffer), for the last ``CACHED_MODELS`` models: a copy of an unchanged model
+    (each step of a MAC target's ratio search prunes a fresh copy) reuses them; a pruned or
+    edited one (even through ``.data``) is scored afresh. The fingerprint is taken once per
+    state of a torch-pruning dependency graph (a new graph, or a group pruned through it),
+    not once per group: torch-pruning scores every group of a step before it prunes any. An
+    edit made between two calls on the same dependency graph with nothing pruned through it
+    in between (a hand-written loop) is not seen: call :meth:`clear` after it.
 
     Args:
         data: batches of ``(x, y)`` or ``x`` (labels only for the ``loss`` / ``margin``
             readouts), re-iterable (a DataLoader or a list): read again whenever the model
             changed.
-        readout: ``"logits"``, ``"probs"``, ``"loss"`` or ``"margin"``.
+        readout: ``"logits"``, ``"probs"``, ``"loss"`` (per-sample cross-entropy) or
+            ``"margin"`` (true-class logit minus the best other): the last two are one
+            output, so G-NDI on them costs one VJP per batch.
         baseline: ``"zero"``, ``"channel-mean"`` or ``"mean"`` (per position).
         p: the norm of the change of the readout.
         normalizer: as torch-pruning's importances (None, "mean", "max", "sum",
@@ -192,8 +253,8 @@ class GroupEffectImportance(tp.importance.Importance):
         consumers: module class -> channel dim of the modules, besides conv / linear layers,
             that read a group's channels as a whole (a torch-pruning customized pruner's
             in-channels, e.g. Swin's patch merging): traced as leaves and tapped.
-        **run: run options (:class:`fxgndi.RunOptions`): ``max_batches``, ``chunk_size``,
-            ``leaf_modules``, ``progress`` (default False), ...
+        **run: run options (:class:`fxgndi.RunOptions`): ``max_batches``, ``max_memory``,
+            ``chunk_size``, ``seed``, ``leaf_modules``, ``progress`` (default False), ...
     """
 
     name = "effect"
@@ -214,36 +275,73 @@ class GroupEffectImportance(tp.importance.Importance):
         self.normalizer = normalizer
         self.consumers = dict(consumers or {})
         self.run: RunOptions = run_options(type(self).__name__, run, progress=False)
-        self._signature: tuple | None = None
-        self._model: nn.Module | None = None
-        self._state: dict[str, Any] = {}
-        self._cache: dict[tuple, torch.Tensor] = {}
-        self.seconds = 0.0  # time spent scoring, over all calls
+        self.seconds = 0.0  # time spent scoring (and fingerprinting), over all calls
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every cached score: the next call scores its model afresh.
+
+        Example:
+            >>> imp = GNDIImportance([torch.randn(2, 3, 8, 8)])
+            >>> imp.clear()
+        """
+        self._scores: OrderedDict[tuple, dict[tuple, torch.Tensor]] = OrderedDict()
+        self._seen: tuple | None = None  # the dependency graph state last fingerprinted
+        self._state: dict[str, Any] = {}  # the intervention graph of one model
+        self._state_of: tuple | None = None  # (weakref to that model, its fingerprint)
+
+    def options(self) -> dict[str, Any]:
+        """What the scores depend on besides the model and the data (for results' settings).
+
+        Example:
+            >>> GNDIImportance([torch.randn(2, 3, 8, 8)], readout="loss").options()["readout"]
+            'loss'
+        """
+        return {"baseline": self.baseline, "readout": self.readout, "p": self.p}
 
     def batch_effects(self, graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None,
-                      plans: dict[tuple, GroupPlan]) -> dict[tuple, torch.Tensor]:
+                      plans: dict[tuple, GroupPlan], index: int) -> dict[tuple, torch.Tensor]:
         """Per-sample effects [B, size] of removing each root channel of every planned group,
-        on one batch."""
+        on batch number ``index`` of the data."""
         raise NotImplementedError
 
     def __call__(self, group: Any) -> torch.Tensor:
         dg = graph_of(group)
-        signature = _signature(dg.model)
-        if signature != self._signature:  # a new model, or pruned: score every group afresh
-            self._build(dg.model)
-            self._signature, self._cache = signature, {}
-            self._cache.update(self._score(self._all_plans(dg)))
-        elif dg.model is not self._model:  # an identical copy: the scores stand
-            self._model, self._state = dg.model, {}
-        key = _group_key(group, _names(dg.model))
-        if key not in self._cache:  # a group that get_all_groups() does not yield
-            if not self._state:
-                self._build(dg.model)
-            self._cache.update(self._score({key: self._plan(group)}))
-        return normalize(self._cache[key].clone(), self.normalizer)
+        fingerprint, names = self._fingerprint(dg)
+        scores = self._scores.get(fingerprint)
+        if scores is None:  # a new model, or pruned, or edited: score every group afresh
+            self._build(dg.model, fingerprint)
+            scores = self._score(self._all_plans(dg))
+            self._scores[fingerprint] = scores
+            while len(self._scores) > CACHED_MODELS:
+                self._scores.popitem(last=False)
+        self._scores.move_to_end(fingerprint)
+        key = _group_key(group, names)
+        if key not in scores:  # a group that get_all_groups() does not yield
+            self._build(dg.model, fingerprint)
+            scores.update(self._score({key: self._plan(group)}))
+        return normalize(scores[key].clone(), self.normalizer)
 
-    def _build(self, model: nn.Module) -> None:
-        """Tap the consumers of ``model`` and set the taps' baselines."""
+    def _fingerprint(self, dg: Any) -> tuple[tuple, dict[nn.Module, str]]:
+        """The model's fingerprint and module names, taken again only when the dependency
+        graph, its model or its pruning history changed since the last call (weak references:
+        a freed graph's id, reused by a new one, is not mistaken for it)."""
+        model, pruned = dg.model, pruned_groups(dg)
+        seen = self._seen
+        if seen is not None and seen[0]() is dg and seen[1]() is model and seen[2] == pruned:
+            return seen[3], seen[4]
+        start = time.perf_counter()
+        fingerprint, names = model_fingerprint(model), _names(model)
+        self._seen = (weakref.ref(dg), weakref.ref(model), pruned, fingerprint, names)
+        self.seconds += time.perf_counter() - start
+        return fingerprint, names
+
+    def _build(self, model: nn.Module, fingerprint: tuple) -> None:
+        """Tap the consumers of ``model`` and set the taps' baselines (unless built already
+        for this model in this state)."""
+        if self._state_of is not None and self._state_of[0]() is model \
+                and self._state_of[1] == fingerprint:
+            return
         start = time.perf_counter()
         gm, taps = tap_consumers(model, leaf_modules=self.run.leaf_modules,
                                  consumers=self.consumers,
@@ -254,8 +352,8 @@ class GroupEffectImportance(tp.importance.Importance):
             site.channel_dim = tap.channel_dim  # a Linear reading NHWC has channels last
         device = device_of(model)
         with eval_mode(graph):
-            if self.baseline == "zero":
-                graph.describe(first_batch(iter_batches(self.data, device=device)))
+            if self.baseline == "zero":  # shapes are per sample: one sample records them
+                graph.describe(first_batch(iter_batches(self.data, device=device))[:1])
             else:
                 means = calibrate(graph, self.data, kind=self.baseline,
                                   max_batches=self.run.max_batches)
@@ -264,11 +362,15 @@ class GroupEffectImportance(tp.importance.Importance):
         taps_of: dict[str, list[Tap]] = {}
         for tap in taps:
             taps_of.setdefault(tap.module, []).append(tap)
-        self._model = model
         self._state = {"graph": graph, "device": device, "taps_of": taps_of,
                        "names": _names(model),
                        "channels": {s.name: s.channels for s in graph.sites}}
+        self._state_of = (weakref.ref(model), fingerprint)
+        self._new_model()
         self.seconds += time.perf_counter() - start
+
+    def _new_model(self) -> None:
+        """Hook for subclasses: a new intervention graph was built."""
 
     def _all_plans(self, dg: Any) -> dict[tuple, GroupPlan]:
         plans = {}
@@ -292,10 +394,12 @@ class GroupEffectImportance(tp.importance.Importance):
                                need_labels=self.readout in ("loss", "margin"),
                                why=f"readout '{self.readout}'")
         with eval_mode(graph), torch.no_grad():
-            for x, y in tqdm(batches, desc=f"{self.name} importance",
-                             disable=not self.run.progress,
-                             total=batch_count(self.data, self.run.max_batches)):
-                for key, effects in self.batch_effects(graph, x, y, plans).items():
+            for index, (x, y) in enumerate(tqdm(
+                    batches, desc=f"{self.name} importance", disable=not self.run.progress,
+                    total=batch_count(self.data, self.run.max_batches))):
+                if y is not None:
+                    check_labels(graph(x[:1]), y)
+                for key, effects in self.batch_effects(graph, x, y, plans, index).items():
                     moments[key].update(effects)
         self.seconds += time.perf_counter() - start
         out = {}
@@ -308,10 +412,24 @@ class GroupEffectImportance(tp.importance.Importance):
 
 
 class GNDIImportance(GroupEffectImportance):
-    """First-order G-NDI of each channel of a torch-pruning group, ``E_x || d f / d alpha ||_p``:
-    K reverse passes per batch (K = the readout's width) score every group of the model at once.
+    """First-order G-NDI of each channel of a torch-pruning group, ``E_x || d f / d alpha ||_p``,
+    every group of the model at once from one set of reverse passes per batch.
 
-    Arguments as :class:`GroupEffectImportance`.
+    Args:
+        mode: ``"reverse"``: exact, one VJP per readout output (K of them: 1000 for an
+            ImageNet head); ``"probe"``: ``probes`` Rademacher projections of the readout
+            (``E_z (z^T J v)^2 = ||J v||^2``; p = 2 only), each group's tangents summed before
+            the projection; ``"auto"`` (default): probes when the readout has at least
+            ``2 * probes`` outputs (they halve the cost at least) and p = 2, else reverse
+            (:func:`fxgndi.gndi.tangents.choose_mode`, as :func:`fxgndi.score`): a 10-class
+            head stays exact, an ImageNet head takes probes. :attr:`chosen_mode` says which
+            ran.
+        probes: the number R of projections (default ``DEFAULT_PROBES``, chosen by measurement:
+            README, wide heads). The signs are drawn per batch from the run option ``seed``, so
+            a run is reproducible.
+        Others: as :class:`GroupEffectImportance`. The run option ``max_memory`` bounds one
+            step's activations and tangents (``B x consumer channels x chunk``): batches and
+            vmap chunks of outputs / probes are split to fit; the scores do not change.
 
     Example:
         >>> import torchvision
@@ -319,16 +437,64 @@ class GNDIImportance(GroupEffectImportance):
         >>> imp = GNDIImportance([torch.randn(8, 3, 32, 32)])
         >>> dg = tp.DependencyGraph().build_dependency(model, torch.randn(1, 3, 32, 32))
         >>> group = dg.get_pruning_group(model.conv1, tp.prune_conv_out_channels, list(range(64)))
-        >>> imp(group).shape
-        torch.Size([64])
+        >>> imp(group).shape, imp.chosen_mode
+        (torch.Size([64]), 'reverse')
     """
 
     name = "gndi"
 
+    def __init__(self, data: Iterable, *, mode: str = "auto", probes: int = DEFAULT_PROBES,
+                 **options: Any) -> None:
+        if mode == "forward":
+            raise ValueError("GNDIImportance scores every channel of the model at once: forward "
+                             "mode would cost one JVP per channel; use mode='reverse' (exact) "
+                             "or 'probe'")
+        check_choice("mode", mode, PRUNE_MODES)
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+            raise ValueError(f"probes must be a positive integer, not {probes!r}")
+        super().__init__(data, **options)
+        if mode == "probe" and self.p != 2:
+            raise ValueError("probe mode estimates the 2-norm only: use p=2 or mode='reverse'")
+        self.mode, self.probes = mode, probes
+        self.chosen_mode: str | None = None  # the mode of the last scoring pass
+        self._costs: dict[tuple, dict[str, int]] = {}
+        self.plan: dict[str, int | None] = {}  # max_memory's split of the last batch
+
+    def options(self) -> dict[str, Any]:
+        probes = self.probes if "probe" in (self.mode, self.chosen_mode) else None
+        return {**super().options(), "mode": self.mode, "chosen_mode": self.chosen_mode,
+                "probes": probes, "seed": self.run.seed if probes else None}
+
+    def _new_model(self) -> None:
+        self._costs: dict[tuple, dict[str, int]] = {}  # plan_step's measurements, this graph
+
     def batch_effects(self, graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None,
-                      plans: dict[tuple, GroupPlan]) -> dict[tuple, torch.Tensor]:
-        tangents = reverse_tangents(graph, x, y, self.readout, self.run.chunk_size)
-        return {key: group_norms(tangents, plan, self.p) for key, plan in plans.items()}
+                      plans: dict[tuple, GroupPlan], index: int) -> dict[tuple, torch.Tensor]:
+        k = readout_width(graph, x, y, self.readout)
+        mode = self.chosen_mode = choose_mode(self.mode, k, self.probes, self.p)
+        z = probe_signs(self.run.seed, index, self.probes, x.shape[0], k) \
+            if mode == "probe" else None
+        dtype = next(graph.parameters()).dtype
+
+        def cotangents(n: int | None, lo: int, b: int) -> torch.Tensor | None:
+            if z is not None:
+                return z[:n, lo:lo + b].to(device=x.device, dtype=dtype)
+            if n is None:
+                return None  # all K one-hot outputs, made by each_reverse_chunk
+            return torch.eye(k, dtype=dtype, device=x.device)[:n, None, :].expand(n, b, k)
+
+        def trial(xs: torch.Tensor, ys: torch.Tensor | None, n: int) -> None:
+            group_effects(graph, xs, ys, plans, self.readout, self.p,
+                          cotangents(n, 0, xs.shape[0]), n)
+
+        piece, chunk = plan_step(trial, x, y, self.probes if z is not None else k,
+                                 self.run.max_memory, self.run.chunk_size,
+                                 self._costs.setdefault((tuple(x.shape[1:]), mode), {}))
+        self.plan = {"samples_per_step": piece, "chunk": chunk}
+        parts = [group_effects(graph, xs, ys, plans, self.readout, self.p,
+                               cotangents(None, lo, xs.shape[0]), chunk)
+                 for lo, xs, ys in pieces(x, y, piece)]
+        return {key: torch.cat([part[key] for part in parts]) for key in plans}
 
 
 class AblationImportance(GroupEffectImportance):
@@ -345,7 +511,7 @@ class AblationImportance(GroupEffectImportance):
     name = "ablation"
 
     def batch_effects(self, graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor | None,
-                      plans: dict[tuple, GroupPlan]) -> dict[tuple, torch.Tensor]:
+                      plans: dict[tuple, GroupPlan], index: int) -> dict[tuple, torch.Tensor]:
         reference = apply_readout(graph(x), y, self.readout)
 
         def effect(out: torch.Tensor) -> torch.Tensor:
@@ -377,12 +543,37 @@ def check_importance_length(scores: torch.Tensor | None, group: Any, who: str) -
                  f"{group[0].dep.target.name}", fix="check the model and the data")
 
 
-def _signature(model: nn.Module) -> tuple:
-    """Names, shapes and sums of every parameter and buffer: changes when the model does."""
+def model_fingerprint(model: nn.Module) -> tuple:
+    """Names, shapes, dtypes, devices and two checksums (the sum, and a position-weighted sum,
+    in float64) of every parameter and buffer: equal for a copy of the model, different once
+    it is pruned or any value is edited (in place, through ``.data``, or by replacing a
+    parameter). One read of the weights; one device synchronisation.
+
+    Example:
+        >>> import copy
+        >>> net = nn.Linear(3, 2)
+        >>> before = model_fingerprint(net)
+        >>> model_fingerprint(copy.deepcopy(net)) == before
+        True
+        >>> net.weight.data[0, 0] += 1  # no version counter sees this
+        >>> model_fingerprint(net) == before
+        False
+    """
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    weights: dict[torch.device, torch.Tensor] = {}
     with torch.no_grad():
-        return tuple((n, tuple(t.shape), float(t.double().sum()) if t.is_floating_point()
-                      else int(t.sum()))
-                     for n, t in [*model.named_parameters(), *model.named_buffers()])
+        sums = []
+        for _, t in tensors:
+            v = t.detach().reshape(-1).to(torch.float64)
+            w = weights.get(v.device)
+            if w is None or w.numel() < v.numel():  # 1, 2, ..., 1021, 1, 2, ...: a
+                w = torch.arange(max(v.numel(), 1 << 16), dtype=torch.float64,  # permutation
+                                 device=v.device).remainder_(1021).add_(1)  # changes the sum
+                weights[v.device] = w
+            sums.append(torch.stack([v.sum(), (v * w[:v.numel()]).sum()]))
+        values = torch.stack(sums).cpu().tolist() if sums else []
+    return tuple((n, tuple(t.shape), str(t.dtype), str(t.device), *v)
+                 for (n, t), v in zip(tensors, values))
 
 
 def _group_key(group: Any, names: dict[nn.Module, str]) -> tuple:

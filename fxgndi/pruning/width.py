@@ -169,8 +169,7 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
                                           for w in widths if w.attribute}),
                 "architectures": plan.families}
     if isinstance(scorer, GroupEffectImportance):
-        settings["importance_options"].update(baseline=scorer.baseline, readout=scorer.readout,
-                                              p=scorer.p)
+        settings["importance_options"].update(scorer.options())
         settings["scoring_seconds"] = scorer.seconds
     return PruneResult(model=pruned, macs_before=int(macs0), macs_after=int(macs1),
                        params_before=int(params0), params_after=int(params1),
@@ -428,6 +427,7 @@ def _make_importance(importance: Any, data: Iterable, compensate: bool, opts: An
                                baseline="channel-mean" if compensate else "zero",
                                consumers=plan.consumers, max_batches=opts.max_batches,
                                progress=opts.progress, chunk_size=opts.chunk_size,
+                               max_memory=opts.max_memory, seed=opts.seed,
                                leaf_modules=opts.leaf_modules,
                                concrete_args=opts.concrete_args, output=opts.output)
     return make_importance(importance)

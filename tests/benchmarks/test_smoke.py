@@ -87,3 +87,23 @@ def test_cli_startup_runs():
     medians = load("cli_startup").main(["--repeat", "1"])
     assert set(medians) >= {"fxgndi --help", 'python -c "import torch"'}
     assert all(m > 0 for m in medians.values())
+
+
+def test_scoring_speed_pruning_cost_runs(tmp_path, capsys):
+    out = tmp_path / "cost.json"
+    rc = load("scoring_speed").main([
+        "--pruning-cost", "--models", "resnet18", "--image-size", "32", "--samples", "8",
+        "--batch", "4", "--num-classes", "20", "--probes", "4", "--quiet", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "prune(importance='gndi') / prune(importance='weight_taylor')" in printed
+    (result,) = json.loads(out.read_text())["results"]
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"l1", "weight_taylor", "gndi", "gndi probe R=4", "gndi exact"}
+    assert rows["gndi exact"]["mode"] == "reverse" and rows["gndi probe R=4"]["mode"] == "probe"
+    assert rows["gndi"]["mode"] == result["default_mode"]  # 20 outputs: probes iff R < 20
+    assert all(r["seconds"] > 0 for r in rows.values())
+    assert rows["weight_taylor"]["vs_weight_taylor"] == 1
+    (agreement,) = result["agreement"]
+    assert agreement["groups"] == 12 and -1 <= agreement["spearman_min"] <= 1
+    assert agreement["removed_exact_ratio"] >= 1 - 1e-6  # the exact ranking removes the least

@@ -58,8 +58,9 @@ def _pruned(name: str) -> tuple[nn.Module, dict]:
     else:
         model = _lively(load_model(name, num_classes=10))
         ignored, kwargs = "auto", {"model_name": name, "model_kwargs": {"num_classes": 10}}
+    # repair=False: a repair on 4 random images shrinks the outputs this test compares
     result = fxgndi.prune(model, data, sparsity=0.5, target="channels", importance="l1",
-                          ignored_layers=ignored)
+                          ignored_layers=ignored, repair=False)
     shrunk = [n for n, (b, a) in result.channels.items() if a < b]
     assert shrunk, "the model was not pruned"
     return result.model, kwargs

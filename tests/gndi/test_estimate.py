@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import fxgndi
@@ -266,3 +267,21 @@ def test_each_path_point_moves_the_progress_bar(tiny, monkeypatch):
     seen.clear()
     fxgndi.score(tiny, data, steps=2, progress=True, max_memory="30KB")
     assert seen[-1] == 4 and any(not float(n).is_integer() for n in seen), seen
+
+
+def test_auto_mode_takes_probes_only_when_every_exact_mode_costs_more():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(5 * 2 * 2, 40)).double().eval()
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    kw = dict(sites="conv", granularity="channel", progress=False)
+    # 11 channels, 40 outputs: forward mode (11 JVPs) unless the probes are fewer than that
+    assert fxgndi.score(model, [x], probes=16, **kw).meta["mode"] == "forward"
+    wide = fxgndi.score(model, [x], probes=4, **kw)
+    assert wide.meta["mode"] == "probe" and wide.meta["probes"] == 4
+    np.testing.assert_array_equal(wide.values, fxgndi.score(model, [x], mode="probe",
+                                                            probes=4, **kw).values)
+    assert fxgndi.score(model, [x], probes=4, p=1, **kw).meta["mode"] == "forward"
+    assert fxgndi.score(model, [x], probes=4, steps=2, **kw).meta["mode"] == "forward"
+    layers = fxgndi.score(model, [x], sites="conv", probes=2, progress=False)
+    assert layers.meta["mode"] == "forward"  # 2 sites: 2 JVPs, no more than 2 probes
