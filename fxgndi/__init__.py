@@ -34,6 +34,7 @@ _EXPORTS = {
     "fxgndi.gndi.validate": ("ValidityReport", "validate"),
     "fxgndi.deploy.export": ("ExportResult", "export", "load"),
     "fxgndi.deploy.bench": ("BenchReport", "bench"),
+    "fxgndi.deploy.latency": ("Latency",),
     "fxgndi.pruning.importance": ("AblationImportance", "GNDIImportance"),
     "fxgndi.pruning.repair": ("Repair",),
     "fxgndi.pruning.result": ("DepthPruneResult", "PruneResult"),
@@ -63,6 +64,7 @@ if TYPE_CHECKING:  # what static tools see: the same names, imported eagerly
     from fxgndi.core.options import RunOptions  # noqa: F401
     from fxgndi.deploy.bench import BenchReport, bench  # noqa: F401
     from fxgndi.deploy.export import ExportResult, export, load  # noqa: F401
+    from fxgndi.deploy.latency import Latency  # noqa: F401
     from fxgndi.fx.intervention import InterventionGraph, calibrate, intervene  # noqa: F401
     from fxgndi.fx.sites import Site  # noqa: F401
     from fxgndi.fx.trace import trace  # noqa: F401

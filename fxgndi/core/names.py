@@ -45,7 +45,7 @@ VALIDITY_IMPORTANCES = (*GNDI_VARIANTS, *CRITERIA, "ablation")
 # Width pruning: fxgndi's causal importances, then torch-pruning's own criteria.
 PRUNE_IMPORTANCES = ("gndi", "ablation", "l1", "l2", "weight_taylor", "hessian", "lamp", "bn",
                      "fpgm", "random")
-PRUNE_TARGETS = ("channels", "params", "macs")
+PRUNE_TARGETS = ("channels", "params", "macs", "latency")
 # Depth pruning (whole residual branches).
 DEPTH_IMPORTANCES = ("gndi", "ablation", "random")
 DEPTH_TARGETS = ("macs", "params", "latency")

@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxgndi.core.checks import check_choice, check_fraction
-from fxgndi.core.cost import count_macs_params, forward_seconds
+from fxgndi.core.cost import count_macs_params
 from fxgndi.core.errors import FxgndiError
 from fxgndi.core.names import DEPTH_BASELINES, DEPTH_IMPORTANCES, DEPTH_TARGETS
 from fxgndi.core.options import RunKwargs, run_options
@@ -33,6 +33,7 @@ from fxgndi.fx.analysis import analyze, facts, feeds
 from fxgndi.fx.intervention import intervene
 from fxgndi.fx.sites import describe_nodes
 from fxgndi.fx.trace import trace
+from fxgndi.deploy.latency import Latency
 from fxgndi.gndi.estimate import ablate, score
 from fxgndi.pruning.repair import Repair, as_repair, repair_model
 from fxgndi.pruning.result import DepthPruneResult
@@ -90,7 +91,7 @@ def residual_blocks(model: nn.Module, example_inputs: torch.Tensor | Sequence[to
 
 
 def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None,
-                target: str | None = None, sparsity: float | None = None,
+                target: str | Latency | None = None, sparsity: float | None = None,
                 importance: str = "gndi", baseline: str = "zero", greedy: bool = True,
                 readout: str = "logits", steps: int = 4, metric: str = "logit_l2",
                 repair: Repair | dict[str, Any] | bool = True, inplace: bool = False,
@@ -104,7 +105,8 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
         data: ``(x, y)`` batches (or ``x``) for scoring, the channel means, and repair.
         n_blocks: how many blocks to remove; or give ``target`` and ``sparsity`` instead.
         target, sparsity: remove blocks until at least ``sparsity`` of ``"macs"``,
-            ``"params"`` or ``"latency"`` (one forward pass on the example input) is gone.
+            ``"params"`` or ``"latency"`` (one call on the example input, eagerly; or a
+            :class:`fxgndi.Latency` for another runtime or batch size) is gone.
         importance: ``"gndi"`` (on ``readout``), ``"ablation"`` (the exact effect, by
             ``metric``) or ``"random"``.
         baseline: ``"zero"`` (the branch is dropped) or ``"channel-mean"`` (the branch is
@@ -138,6 +140,8 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
     """
     start = time.perf_counter()
     opts = run_options("prune_depth", run, progress=False)
+    latency = target if isinstance(target, Latency) else None
+    target = "latency" if latency is not None else target
     fixes = as_repair(repair)
     _check_arguments(n_blocks, target, sparsity, importance, baseline, fixes)
     example = example_input(data, opts.example_inputs, device_of(model))
@@ -156,7 +160,7 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
                           "Depth pruning needs blocks of the form out = x + branch(x); use "
                           "fxgndi.prune for channel pruning instead")
     macs0, params0 = count_macs_params(gm, example)
-    measure = _Measure(target, example, macs0, params0)
+    measure = _Measure(target, example, macs0, params0, latency)
     done = _stop_rule(n_blocks, sparsity, measure, gm, candidates)
     latency0 = measure.before if target == "latency" else float("nan")
     generator = torch.Generator().manual_seed(opts.seed)
@@ -317,13 +321,14 @@ def _alive(gm: fx.GraphModule, block: ResidualBlock) -> bool:
 class _Measure:
     """The fraction of the target removed from a model (MACs, params, or latency)."""
 
-    def __init__(self, target: str | None, example: Any, macs0: float, params0: float) -> None:
-        self.target, self.example = target, example
+    def __init__(self, target: str | None, example: Any, macs0: float, params0: float,
+                 latency: Latency | None = None) -> None:
+        self.target, self.example, self.latency = target, example, latency or Latency()
         self.before = {"macs": macs0, "params": params0}.get(target or "", float("nan"))
 
     def seconds(self, model: nn.Module) -> float:
-        """One forward pass on the example (best of 5)."""
-        return forward_seconds(model, [self.example], repeat=5)
+        """One call on the example, on the latency's runtime (the median of its repeats)."""
+        return self.latency.seconds(model, self.example)
 
     def __call__(self, model: nn.Module) -> float:
         if self.target == "latency":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
@@ -32,6 +32,8 @@ from fxgndi.fx.widths import StaticWidth, static_widths, update_widths
 from fxgndi.pruning import architectures
 from fxgndi.pruning._tp import graph_of, prunes_inputs, prunes_outputs
 from fxgndi.pruning.compensate import compensate_group, consumer_input_means
+from fxgndi.deploy.latency import Latency
+from fxgndi.pruning.latency import PerLatency, layer_latencies
 from fxgndi.pruning.importance import (AblationImportance, GNDIImportance,
                                        GroupEffectImportance, check_importance_length)
 from fxgndi.pruning.repair import Repair, as_repair, repair_model
@@ -48,11 +50,12 @@ _MAX_RATIO = 0.95  # torch-pruning refuses to empty a layer; the search stays be
 _UNTRACED = "(static widths)"  # the skipped entry of a model torch.fx could not trace
 
 
-def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: str = "channels",
+def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
+          target: str | Latency = "channels",
           importance: str | tp.importance.Importance = "gndi",
           ignored_layers: str | Sequence[nn.Module | str] | None = "auto",
           round_to: int | None = None, global_pruning: bool = False, iterative_steps: int = 1,
-          tolerance: float = 0.02, repair: Repair | dict[str, Any] | bool = True,
+          tolerance: float | None = None, repair: Repair | dict[str, Any] | bool = True,
           inplace: bool = False, **run: Unpack[RunKwargs]) -> PruneResult:
     """Prune ``model``'s channels with torch-pruning, ranking them by ``importance``.
 
@@ -61,9 +64,13 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
         data: ``(x, y)`` batches: scoring for gndi / ablation / weight_taylor / hessian, the
             means for ``compensate``, the BatchNorm statistics and the fine-tuning set.
         sparsity: in (0, 1): the fraction of ``target`` to remove.
-        target: ``"channels"`` (torch-pruning's per-channel ratio), ``"params"`` or ``"macs"``
-            (the channel ratio is searched by bisection until the removed fraction is within
-            ``tolerance``, absolute, of ``sparsity``).
+        target: ``"channels"`` (torch-pruning's per-channel ratio), ``"params"``, ``"macs"``
+            or ``"latency"`` / a :class:`fxgndi.Latency` (the runtime, batch size and threads it
+            is measured on; ``"latency"``: eager, batch 1): the channel ratio is searched by
+            bisection until the removed fraction is within ``tolerance``, absolute, of
+            ``sparsity`` (default 0.02; 0.05 for latency, which is measured). With a latency
+            target and ``global_pruning=True`` every group's scores are divided by the latency
+            one of its channels costs (:mod:`fxgndi.pruning.latency`).
         importance: ``"gndi"`` (:class:`GNDIImportance`), ``"ablation"``
             (:class:`AblationImportance`), torch-pruning's ``"l1"``, ``"l2"``,
             ``"weight_taylor"``, ``"hessian"``, ``"lamp"``, ``"bn"``, ``"fpgm"``,
@@ -102,6 +109,10 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
     start = time.perf_counter()
     opts = run_options("prune", run, progress=False)
     fixes = as_repair(repair)
+    latency = target if isinstance(target, Latency) else Latency() if target == "latency" \
+        else None
+    target = "latency" if latency is not None else target
+    tolerance = (0.05 if latency is not None else 0.02) if tolerance is None else tolerance
     _check_arguments(sparsity, target, importance, iterative_steps, tolerance)
     Ties(model, compensate=fixes.compensate)  # refuses, before any work, ties it cannot keep
     check_count("round_to", round_to, allow_none=True,
@@ -109,7 +120,10 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
     device = device_of(model)
     example = example_input(data, opts.example_inputs, device)
     plan = architectures.plan_for(model)
-    scorer = _make_importance(importance, data, fixes.compensate, opts, plan)
+    base = _make_importance(importance, data, fixes.compensate, opts, plan)
+    scorer = base
+    if latency is not None and global_pruning:
+        scorer = PerLatency(base, layer_latencies(model, example, latency))
     macs0, params0 = count_macs_params(model, example)
     channels0 = _out_channels(model)
     ignored_names = _ignored_names(model, ignored_layers, example, opts)
@@ -147,7 +161,12 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
         pruned, kept = run_once(ratio, model if inplace else None,
                                 between=repair_between is not None)
     else:
-        measure = _reduction_measure(target, macs0 if target == "macs" else params0, example)
+        if latency is not None:
+            seconds0 = latency.seconds(model, example)
+            measure = lambda m: 1 - latency.seconds(m, example) / seconds0  # noqa: E731
+        else:
+            measure = _reduction_measure(target, macs0 if target == "macs" else params0,
+                                         example)
         search_between = repair_between is not None and global_pruning
         ratio, (pruned, kept) = _search_ratio(
             lambda r: run_once(r, between=search_between), measure, sparsity, tolerance, target)
@@ -168,9 +187,12 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5, target: st
                 "updated_widths": sorted({f"{w.owner}.{w.attribute}".lstrip(".")
                                           for w in widths if w.attribute}),
                 "architectures": plan.families}
-    if isinstance(scorer, GroupEffectImportance):
-        settings["importance_options"].update(scorer.options())
-        settings["scoring_seconds"] = scorer.seconds
+    if latency is not None:
+        settings["latency"] = {**asdict(latency), "before": seconds0,
+                               "after": latency.seconds(pruned, example)}
+    if isinstance(base, GroupEffectImportance):
+        settings["importance_options"].update(base.options())
+        settings["scoring_seconds"] = base.seconds
     return PruneResult(model=pruned, macs_before=int(macs0), macs_after=int(macs1),
                        params_before=int(params0), params_after=int(params1),
                        settings=settings, seconds=time.perf_counter() - start, skipped=skipped,
