@@ -48,6 +48,7 @@ import torch_pruning as tp
 from tqdm.auto import tqdm
 
 from fxgndi.core.checks import check_choice, check_finite
+from fxgndi.core.errors import FxgndiError
 from fxgndi.core.moments import RunningMoments
 from fxgndi.core.names import BASELINES, DEFAULT_PROBES, PRUNE_MODES, READOUTS
 from fxgndi.core.options import RunKwargs, RunOptions, run_options
@@ -82,11 +83,18 @@ class GroupPlan:
     entries: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
+class UnscorableGroup(FxgndiError, ValueError):
+    """A group whose removal effect G-NDI cannot measure: a reader of its channels is not a
+    conv / linear call in the traced graph, or nothing reads them (they are model outputs).
+    The importances return None for it, which torch-pruning's contract reads as "skip"."""
+
+
 def plan_group(group: Any, names: dict[nn.Module, str], taps_of: dict[str, list[Tap]],
                channels: dict[str, int]) -> GroupPlan:
     """The tap channels that carry each root channel of ``group`` (see :class:`GroupPlan`).
 
-    Raises ValueError when the group has no conv / linear consumer fxgndi can tap.
+    Raises :class:`UnscorableGroup` (the reason) when a consumer of the group cannot be tapped
+    or the group has none, ValueError when the dependency graph is stale.
 
     Example:
         >>> plan = plan_group(group, names, taps_of, channels)  # doctest: +SKIP
@@ -98,11 +106,10 @@ def plan_group(group: Any, names: dict[nn.Module, str], taps_of: dict[str, list[
     for layer, idxs, roots in consumer_items(group):
         taps = taps_of.get(names.get(layer, ""), [])
         if not taps:
-            raise ValueError(f"'{names.get(layer, layer)}' reads channels of the group rooted "
-                             f"at '{_root_name(group, names)}' but is not a conv or linear "
-                             "layer called in the traced graph (an LSTM, or inside a leaf "
-                             "module), so G-NDI cannot intervene on what it reads: add it, or "
-                             "the group's layers, to ignored_layers")
+            raise UnscorableGroup(f"'{names.get(layer, layer)}' reads its channels but is not a "
+                                  "conv or linear layer called in the traced graph (an LSTM, or "
+                                  "inside a leaf module), so G-NDI cannot intervene on what it "
+                                  "reads")
         for tap in taps:
             chans, poss = per_tap.setdefault(tap.name, ([], []))
             for i, r in zip(idxs, roots):
@@ -120,10 +127,8 @@ def plan_group(group: Any, names: dict[nn.Module, str], taps_of: dict[str, list[
     entries = [(t, torch.tensor(c, dtype=torch.long), torch.tensor(p, dtype=torch.long))
                for t, (c, p) in per_tap.items() if c]
     if not entries:
-        raise ValueError(f"the pruning group rooted at '{_root_name(group, names)}' has no conv "
-                         "or linear layer reading its channels (they reach the model output "
-                         "directly, or pass through layers fxgndi cannot tap): add that layer "
-                         "to ignored_layers")
+        raise UnscorableGroup("no conv or linear layer reads its channels (they reach the model "
+                              "output directly), so G-NDI has no consumer input to intervene on")
     return GroupPlan(len(root_idxs), entries)
 
 
@@ -224,9 +229,13 @@ class GroupEffectImportance(tp.importance.Importance):
     (:meth:`batch_effects`).
 
     Call it on a torch-pruning group; it returns one score per root channel (a CPU float tensor
-    of ``len(group[0].idxs)``). The intervention sets what the consumers read to ``baseline``:
-    ``"zero"`` (what removal does) or ``"channel-mean"`` (what removal with compensation does),
-    calibrated on ``data``.
+    of ``len(group[0].idxs)``), or None for a group it cannot score, which torch-pruning's
+    pruners skip (their contract for importances): one that a layer G-NDI cannot tap reads (an
+    LSTM, a layer inside a leaf module) or that nothing reads (its channels are model outputs:
+    an unignored classifier). :attr:`skipped` maps the root layer of each such group to the
+    reason; :func:`fxgndi.prune` reports them in ``result.skipped``. The intervention sets
+    what the consumers read to ``baseline``: ``"zero"`` (what removal does) or
+    ``"channel-mean"`` (what removal with compensation does), calibrated on ``data``.
 
     Scores are computed for every group of a model in one pass over the data and cached by a
     fingerprint of the model (:func:`model_fingerprint`: names, shapes and checksums of every
@@ -285,7 +294,8 @@ class GroupEffectImportance(tp.importance.Importance):
             >>> imp = GNDIImportance([torch.randn(2, 3, 8, 8)])
             >>> imp.clear()
         """
-        self._scores: OrderedDict[tuple, dict[tuple, torch.Tensor]] = OrderedDict()
+        self._scores: OrderedDict[tuple, dict[tuple, torch.Tensor | str]] = OrderedDict()
+        self.skipped: dict[str, str] = {}  # root layer -> why None was returned for its group
         self._seen: tuple | None = None  # the dependency graph state last fingerprinted
         self._state: dict[str, Any] = {}  # the intervention graph of one model
         self._state_of: tuple | None = None  # (weakref to that model, its fingerprint)
@@ -305,13 +315,14 @@ class GroupEffectImportance(tp.importance.Importance):
         on batch number ``index`` of the data."""
         raise NotImplementedError
 
-    def __call__(self, group: Any) -> torch.Tensor:
+    def __call__(self, group: Any) -> torch.Tensor | None:
         dg = graph_of(group)
         fingerprint, names = self._fingerprint(dg)
         scores = self._scores.get(fingerprint)
         if scores is None:  # a new model, or pruned, or edited: score every group afresh
             self._build(dg.model, fingerprint)
-            scores = self._score(self._all_plans(dg))
+            plans, reasons = self._all_plans(dg)
+            scores = {**self._score(plans), **reasons}
             self._scores[fingerprint] = scores
             while len(self._scores) > CACHED_MODELS:
                 self._scores.popitem(last=False)
@@ -319,8 +330,15 @@ class GroupEffectImportance(tp.importance.Importance):
         key = _group_key(group, names)
         if key not in scores:  # a group that get_all_groups() does not yield
             self._build(dg.model, fingerprint)
-            scores.update(self._score({key: self._plan(group)}))
-        return normalize(scores[key].clone(), self.normalizer)
+            try:
+                scores.update(self._score({key: self._plan(group)}))
+            except UnscorableGroup as exc:
+                scores[key] = str(exc)
+        value = scores[key]
+        if isinstance(value, str):  # torch-pruning's contract: None skips the group
+            self.skipped[key[0]] = value
+            return None
+        return normalize(value.clone(), self.normalizer)
 
     def _fingerprint(self, dg: Any) -> tuple[tuple, dict[nn.Module, str]]:
         """The model's fingerprint and module names, taken again only when the dependency
@@ -372,14 +390,17 @@ class GroupEffectImportance(tp.importance.Importance):
     def _new_model(self) -> None:
         """Hook for subclasses: a new intervention graph was built."""
 
-    def _all_plans(self, dg: Any) -> dict[tuple, GroupPlan]:
-        plans = {}
+    def _all_plans(self, dg: Any) -> tuple[dict[tuple, GroupPlan], dict[tuple, str]]:
+        """The plans of every group torch-pruning can form, and why the others cannot be
+        scored (the classifier's outputs, a group an LSTM reads)."""
+        plans, reasons = {}, {}
         for group in dg.get_all_groups(root_module_types=ROOT_TYPES):
+            key = _group_key(group, self._state["names"])
             try:
-                plans[_group_key(group, self._state["names"])] = self._plan(group)
-            except ValueError:
-                continue  # e.g. the classifier's outputs: an error only if the pruner asks
-        return plans
+                plans[key] = self._plan(group)
+            except UnscorableGroup as exc:
+                reasons[key] = str(exc)
+        return plans, reasons
 
     def _plan(self, group: Any) -> GroupPlan:
         s = self._state
