@@ -66,6 +66,9 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 NORMALIZERS = (None, "mean", "max", "sum", "standarization", "gaussian", "lamp")
+# torch-pruning's ways of combining a group's per-member scores; for G-NDI a group has one
+# (see GroupEffectImportance's group_reduction).
+GROUP_REDUCTIONS = ("mean", "sum", "max", "prod", "first", "gate", None)
 CACHED_MODELS = 8  # scored models kept: the dense model and those of a few iterative steps
 
 
@@ -259,6 +262,18 @@ class GroupEffectImportance(tp.importance.Importance):
         normalizer: as torch-pruning's importances (None, "mean", "max", "sum",
             "standarization", "gaussian", "lamp", "sentinel_<q>", or a callable); None keeps
             the raw effects, on one scale (the readout's) across groups.
+        group_reduction: accepted for code written for torch-pruning's importances, which
+            score every member of a group (each conv, BatchNorm, ... that loses the channel)
+            and reduce the member scores: "mean" (default), "sum", "max", "prod", "first",
+            "gate", or None (no reduction: ``[members, channels]``). G-NDI has one score per
+            group, not per member: removing a channel removes it from every member at once
+            (one alpha drives them all), so the effect is the norm of the members' tangents
+            summed *before* the norm, the group's single row. Every reduction of that one row
+            is the row itself, so all of them give the same scores ("sum" does not multiply
+            by a member count: scores stay on the readout's scale across groups, as global
+            pruning needs), and None returns the row as ``[1, channels]``. (A per-consumer
+            split, the effect of one consumer no longer reading the channel, is not the
+            effect of any pruning torch-pruning does, so it is not offered.)
         consumers: module class -> channel dim of the modules, besides conv / linear layers,
             that read a group's channels as a whole (a torch-pruning customized pruner's
             in-channels, e.g. Swin's patch merging): traced as leaves and tapped.
@@ -269,7 +284,7 @@ class GroupEffectImportance(tp.importance.Importance):
     name = "effect"
 
     def __init__(self, data: Iterable, *, readout: str = "logits", baseline: str = "zero",
-                 p: float = 2, normalizer: Any = None,
+                 p: float = 2, normalizer: Any = None, group_reduction: str | None = "mean",
                  consumers: dict[type, int] | None = None, **run: Unpack[RunKwargs]) -> None:
         check_choice("readout", readout, READOUTS)
         check_choice("baseline", baseline, BASELINES)
@@ -277,9 +292,14 @@ class GroupEffectImportance(tp.importance.Importance):
                 or str(normalizer).startswith("sentinel_")):
             raise ValueError(f"unknown normalizer {normalizer!r}: use one of {NORMALIZERS}, "
                              "'sentinel_<q>' or a callable")
+        if group_reduction not in GROUP_REDUCTIONS:
+            raise ValueError(f"unknown group_reduction {group_reduction!r}: use one of "
+                             f"{GROUP_REDUCTIONS} (torch-pruning's; all give G-NDI's one score "
+                             "per group, None as [1, channels])")
         if p <= 0:
             raise ValueError(f"p must be positive, not {p}")
         self.data = data
+        self.group_reduction = group_reduction
         self.readout, self.baseline, self.p = readout, baseline, p
         self.normalizer = normalizer
         self.consumers = dict(consumers or {})
@@ -338,7 +358,8 @@ class GroupEffectImportance(tp.importance.Importance):
         if isinstance(value, str):  # torch-pruning's contract: None skips the group
             self.skipped[key[0]] = value
             return None
-        return normalize(value.clone(), self.normalizer)
+        value = value.clone() if self.group_reduction is not None else value[None].clone()
+        return normalize(value, self.normalizer)
 
     def _fingerprint(self, dg: Any) -> tuple[tuple, dict[nn.Module, str]]:
         """The model's fingerprint and module names, taken again only when the dependency

@@ -95,3 +95,51 @@ def test_prune_reports_the_groups_the_importance_skipped():
     assert "model output" in result.skipped["conv2"]
     assert result.model(data[0]).shape == (4, 4, 5, 5)
     assert "conv2" in result.table()
+
+
+def _hooked_effect_norms(model: FeatureNet, data) -> torch.Tensor:
+    """E_x ||d out / d alpha_c|| of removing conv1's channel c (its BatchNorm output scaled by
+    1 - alpha), by central differences through a forward hook (plain PyTorch)."""
+    def out(c: int, alpha: float, x: torch.Tensor) -> torch.Tensor:
+        def hook(m, a, o):
+            o = o.clone()
+            o[:, c] *= 1 - alpha
+            return o
+        handle = model.bn1.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                return model(x).flatten(1)
+        finally:
+            handle.remove()
+    eps = 1e-3
+    return torch.stack([torch.cat([((out(c, eps, x) - out(c, -eps, x)) / (2 * eps)).norm(dim=1)
+                                   for x in data]).mean() for c in range(6)])
+
+
+def test_every_group_reduction_is_the_one_score_of_the_group():
+    model, data = _feature_net()
+    model.double()
+    data = [x.double() for x in data]
+    group = _group(model, model.conv1, data[0])
+    scores = {r: GNDIImportance(data, group_reduction=r, mode="reverse")(group)
+              for r in ("mean", "sum", "max", "prod", "first", "gate", None)}
+    # one row: torch-pruning's [members, channels] layout with one member
+    assert scores[None].shape == (1, 6)
+    torch.testing.assert_close(scores["mean"].double(), _hooked_effect_norms(model, data),
+                               rtol=1e-4, atol=1e-6)
+    for reduction, value in scores.items():  # torch-pruning's own identities, on that row
+        row = scores[None]
+        expected = {"sum": row.sum(0), "max": row.max(0)[0], "prod": row.prod(0), None: row,
+                    "gate": row[-1], "first": row[0]}.get(reduction, row.mean(0))
+        torch.testing.assert_close(value, expected)
+
+
+def test_an_unknown_group_reduction_is_refused():
+    with pytest.raises(ValueError, match="unknown group_reduction 'median': use one of"):
+        GNDIImportance([torch.zeros(1, 2)], group_reduction="median")
+
+
+def test_prune_refuses_an_unreduced_importance():
+    model, data = _feature_net()
+    with pytest.raises(ValueError, match=r"returned \(1, 6\) scores .* \(1-D\)"):
+        prune(model, data, importance=GNDIImportance(data, group_reduction=None), repair=False)
