@@ -3,6 +3,10 @@
 What a layer reads is not always a node of its own: a tensor a conv reads may also flow on
 through a residual skip. A tap sits on one layer's input edge only, so an intervention there
 changes what that layer reads and nothing else (what removing the layer's input channels does).
+
+A *flat* tap reads its layer's input flattened per sample (``[B, C * h * w]``, then reshaped
+back), so that every element is a channel of the tap: for a layer whose input channels are
+each made of several prunable units (``Linear -> view(B, C, h, w) -> conv``).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import torch  # noqa: F401  (doctests)
 import torch.fx as fx
 import torch.nn as nn
 
@@ -21,7 +26,8 @@ TAP_PREFIX = "fxgndi_tap_"
 
 @dataclass
 class Tap:
-    """An identity node in front of one call of a conv / linear layer: what that layer reads.
+    """An identity node in front of one call of a conv / linear layer: what that layer reads
+    (``channel_dim``: the layer's input channel dim), or its flattened input when ``flat``.
 
     Example:
         >>> Tap("fxgndi_tap_0", "layer1.0.conv1", 1).module
@@ -31,14 +37,21 @@ class Tap:
     name: str
     module: str
     channel_dim: int
+    flat: bool = False
+
+    @property
+    def site_dim(self) -> int:
+        """The channel dim of what the tap node carries: the layer's, or -1 when flat."""
+        return -1 if self.flat else self.channel_dim
 
 
 def tap_consumers(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
                   consumers: dict[type, int] | None = None,
-                  concrete_args: dict[str, Any] | None = None
+                  concrete_args: dict[str, Any] | None = None, flat: Iterable[str] = ()
                   ) -> tuple[fx.GraphModule, list[Tap]]:
     """Trace ``model`` and put an ``nn.Identity`` tap on the input edge of every conv / linear call
     and of every call of a ``consumers`` class (traced as a leaf; the value is its channel dim).
+    The taps of the modules named in ``flat`` are flat (channel dim -1 of the flattened input).
 
     The GraphModule shares the model's parameters; only the tapped layer sees the tap, other users
     of the same tensor (a residual skip) do not.
@@ -47,8 +60,11 @@ def tap_consumers(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
         >>> gm, taps = tap_consumers(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)))
         >>> [(t.module, t.channel_dim) for t in taps]
         [('0', -1), ('2', -1)]
+        >>> gm, taps = tap_consumers(nn.Sequential(nn.Conv2d(2, 3, 1)), flat=["0"])
+        >>> taps[0].flat, gm(torch.ones(1, 2, 4, 4)).shape
+        (True, torch.Size([1, 3, 4, 4]))
     """
-    consumers = dict(consumers or {})
+    consumers, flat = dict(consumers or {}), set(flat)
     gm = trace(model, leaf_modules=(*leaf_modules, *consumers), concrete_args=concrete_args)
     modules = dict(gm.named_modules())
     taps: list[Tap] = []
@@ -60,10 +76,16 @@ def tap_consumers(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
         if extra is None and not isinstance(module, LAYERS):
             continue
         channel_dim = extra if extra is not None else input_channel_dim(module)
-        tap = Tap(f"{TAP_PREFIX}{len(taps)}", node.target, channel_dim)
+        tap = Tap(f"{TAP_PREFIX}{len(taps)}", node.target, channel_dim, node.target in flat)
         gm.add_submodule(tap.name, nn.Identity())
+        read = node.args[0]
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(tap.name, (node.args[0],))
+            if tap.flat:
+                flattened = gm.graph.call_method("flatten", (read, 1))
+                new = gm.graph.call_method("reshape_as", (gm.graph.call_module(
+                    tap.name, (flattened,)), read))
+            else:
+                new = gm.graph.call_module(tap.name, (read,))
         node.update_arg(0, new)
         taps.append(tap)
     gm.graph.lint()

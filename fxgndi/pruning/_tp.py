@@ -175,6 +175,55 @@ def consumer_items(group: Any) -> list[tuple[nn.Module, list[int], list[int]]]:
             for item in group if prunes_inputs_only(dg, item.dep.handler)]
 
 
+# Node types whose output element (channel, position) depends on that one input element only.
+_POSITIONWISE = (tp.ops.OPTYPE.BN, tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.PRELU)
+
+
+def element_reads(group: Any) -> dict[nn.Module, list[tuple[int, int]] | None]:
+    """The consumers that read the group through a reshape splitting its units into channels
+    (``Linear -> view(B, C, h, w) -> conv``), where several root units make one input channel.
+
+    torch-pruning maps such root units to that channel and keeps one root per channel, so the
+    consumer's item does not say which root unit is which element. The reshape's own item
+    does: per sample, the flat element index of each root unit (a view keeps the row-major
+    order, and so do the position-wise ops between it and the consumer: BatchNorm, activations,
+    adds). Returns ``consumer layer -> [(flat element index of its input, root idx)]``, or None
+    for a consumer reached from such a reshape through an op that moves elements (a concat,
+    a depthwise conv, ...): no element map. Consumers that read whole channels are absent.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Unflatten(1, (2, 2, 2)), nn.Conv2d(2, 1, 1))
+        >>> dg = tp.DependencyGraph().build_dependency(net, example_inputs=torch.zeros(1, 3))
+        >>> g = dg.get_pruning_group(net[0], tp.prune_linear_out_channels, list(range(8)))
+        >>> sorted(element_reads(g)[net[2]])[:3]
+        [(0, 0), (1, 1), (2, 2)]
+    """
+    dg = graph_of(group)
+    upstream: dict[Any, list[Any]] = {}
+    for item in group:
+        upstream.setdefault(item.dep.target, []).append(item)
+    reads: dict[nn.Module, list[tuple[int, int]] | None] = {}
+    for item in group:
+        if not prunes_inputs_only(dg, item.dep.handler):
+            continue
+        width = len({int(i) for i in item.idxs})
+        todo, seen = [(item.dep.source, True)], set()
+        while todo:
+            node, positionwise = todo.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            for up in upstream.get(node, []):
+                if node.type == tp.ops.OPTYPE.RESHAPE and len({int(i) for i in up.idxs}) > width:
+                    reads[item.dep.target.module] = [
+                        (int(i), int(r)) for i, r in zip(up.idxs, up.root_idxs)] \
+                        if positionwise else None
+                    todo = []
+                    break
+                todo.append((up.dep.source, positionwise and node.type in _POSITIONWISE))
+    return reads
+
+
 def normalize(scores: torch.Tensor, normalizer: Any) -> torch.Tensor:
     """torch-pruning's own normalisation of importance scores (None: unchanged), so that
     fxgndi's importances mix with its criteria.

@@ -48,6 +48,8 @@ import torch_pruning as tp
 from tqdm.auto import tqdm
 
 from fxgndi.core.checks import check_choice, check_finite
+from fxgndi.core.errors import FxgndiError
+from fxgndi.core.layers import in_width
 from fxgndi.core.moments import RunningMoments
 from fxgndi.core.names import BASELINES, DEFAULT_PROBES, PRUNE_MODES, READOUTS
 from fxgndi.core.options import RunKwargs, RunOptions, run_options
@@ -59,12 +61,16 @@ from fxgndi.gndi.memory import pieces, plan_step
 from fxgndi.gndi.readouts import check_labels, readout_width
 from fxgndi.gndi.readouts import readout as apply_readout
 from fxgndi.gndi.tangents import SAMPLES_PER_CHUNK, choose_mode, each_reverse_chunk, probe_signs
-from fxgndi.pruning._tp import ROOT_TYPES, consumer_items, graph_of, normalize, pruned_groups
+from fxgndi.pruning._tp import (ROOT_TYPES, consumer_items, element_reads, graph_of, normalize,
+                                pruned_groups)
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 NORMALIZERS = (None, "mean", "max", "sum", "standarization", "gaussian", "lamp")
+# torch-pruning's ways of combining a group's per-member scores; for G-NDI a group has one
+# (see GroupEffectImportance's group_reduction).
+GROUP_REDUCTIONS = ("mean", "sum", "max", "prod", "first", "gate", None)
 CACHED_MODELS = 8  # scored models kept: the dense model and those of a few iterative steps
 
 
@@ -82,49 +88,100 @@ class GroupPlan:
     entries: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
+class UnscorableGroup(FxgndiError, ValueError):
+    """A group whose removal effect G-NDI cannot measure: a reader of its channels is not a
+    conv / linear call in the traced graph, or nothing reads them (they are model outputs).
+    The importances return None for it, which torch-pruning's contract reads as "skip"."""
+
+
 def plan_group(group: Any, names: dict[nn.Module, str], taps_of: dict[str, list[Tap]],
                channels: dict[str, int]) -> GroupPlan:
     """The tap channels that carry each root channel of ``group`` (see :class:`GroupPlan`).
 
-    Raises ValueError when the group has no conv / linear consumer fxgndi can tap.
+    A consumer reads root channel ``r`` at the input channels torch-pruning maps it to; where a
+    reshape splits the root's units into channels (``Linear -> view -> conv``: several units
+    per input channel), each unit is one *element* of the input, read by a flat tap
+    (:func:`fxgndi.pruning._tp.element_reads`); a flat tap's channels are elements, so a
+    consumer that reads whole channels there reads all of a channel's elements. (A conv
+    flattened into a Linear needs nothing special: torch-pruning maps each channel to all of
+    its features.)
+
+    Raises :class:`UnscorableGroup` (the reason) when a consumer of the group cannot be tapped,
+    its units have no element map, or the group has no consumer; ValueError when the
+    dependency graph is stale.
 
     Example:
         >>> plan = plan_group(group, names, taps_of, channels)  # doctest: +SKIP
     """
     root_idxs = [int(i) for i in group[0].idxs]
     position = {r: k for k, r in enumerate(root_idxs)}
-    seen: set[tuple[str, int, int]] = set()
-    per_tap: dict[str, tuple[list[int], list[int]]] = {}
+    per_tap: dict[str, dict[tuple[int, int], None]] = {}  # ordered sets of (tap channel, pos)
+    elements = element_reads(group)
     for layer, idxs, roots in consumer_items(group):
-        taps = taps_of.get(names.get(layer, ""), [])
+        name = names.get(layer, str(layer))
+        taps = taps_of.get(name, [])
         if not taps:
-            raise ValueError(f"'{names.get(layer, layer)}' reads channels of the group rooted "
-                             f"at '{_root_name(group, names)}' but is not a conv or linear "
-                             "layer called in the traced graph (an LSTM, or inside a leaf "
-                             "module), so G-NDI cannot intervene on what it reads: add it, or "
-                             "the group's layers, to ignored_layers")
+            raise UnscorableGroup(f"'{name}' reads its channels but is not a conv or linear "
+                                  "layer called in the traced graph (an LSTM, or inside a leaf "
+                                  "module), so G-NDI cannot intervene on what it reads")
+        if layer in elements and elements[layer] is None:
+            raise UnscorableGroup(f"'{name}' reads its units through a reshape that makes "
+                                  "several of them one input channel, then an op that moves "
+                                  "elements (a concat, a depthwise conv): G-NDI cannot tell "
+                                  "which element each unit is")
         for tap in taps:
-            chans, poss = per_tap.setdefault(tap.name, ([], []))
+            width = in_width(layer) if tap.flat else channels[tap.name]
+            if not 0 <= max(idxs, default=0) < width:
+                raise ValueError(f"torch-pruning maps a channel of the group rooted at "
+                                 f"'{_root_name(group, names)}' to input channel "
+                                 f"{max(idxs)} of '{tap.module}', which reads "
+                                 f"{channels[tap.name]}: the dependency graph is stale; "
+                                 "rebuild it after editing the model")
+            pairs = per_tap.setdefault(tap.name, {})
+            if layer in elements:
+                _add_elements(pairs, tap, elements[layer], dict(zip(roots, idxs)), position,
+                              width, channels[tap.name], name)
+                continue
             for i, r in zip(idxs, roots):
-                if r not in position or (tap.name, i, position[r]) in seen:
+                if r not in position:
                     continue
-                if not 0 <= i < channels[tap.name]:
-                    raise ValueError(f"torch-pruning maps a channel of the group rooted at "
-                                     f"'{_root_name(group, names)}' to input channel {i} of "
-                                     f"'{tap.module}', which reads {channels[tap.name]}: the "
-                                     "dependency graph is stale; rebuild it after editing the "
-                                     "model")
-                seen.add((tap.name, i, position[r]))
-                chans.append(i)
-                poss.append(position[r])
-    entries = [(t, torch.tensor(c, dtype=torch.long), torch.tensor(p, dtype=torch.long))
-               for t, (c, p) in per_tap.items() if c]
+                for c in _elements_of(tap, i, width, channels[tap.name]):
+                    pairs[(c, position[r])] = None
+    entries = [(t, torch.tensor([c for c, _ in pairs], dtype=torch.long),
+                torch.tensor([q for _, q in pairs], dtype=torch.long))
+               for t, pairs in per_tap.items() if pairs]
     if not entries:
-        raise ValueError(f"the pruning group rooted at '{_root_name(group, names)}' has no conv "
-                         "or linear layer reading its channels (they reach the model output "
-                         "directly, or pass through layers fxgndi cannot tap): add that layer "
-                         "to ignored_layers")
+        raise UnscorableGroup("no conv or linear layer reads its channels (they reach the model "
+                              "output directly), so G-NDI has no consumer input to intervene on")
     return GroupPlan(len(root_idxs), entries)
+
+
+def _elements_of(tap: Tap, channel: int, width: int, size: int) -> range:
+    """The tap channels that carry input channel ``channel`` of its layer (``width`` of them):
+    the channel itself, or on a flat tap (``size`` elements) all of the channel's elements."""
+    if not tap.flat:
+        return range(channel, channel + 1)
+    if tap.channel_dim == 1 or width == size:
+        per = size // width
+        return range(channel * per, (channel + 1) * per)
+    return range(channel, size, width)  # channels last
+
+
+def _add_elements(pairs: dict[tuple[int, int], None], tap: Tap, reads: list[tuple[int, int]],
+                  channel_of_root: dict[int, int], position: dict[int, int], width: int,
+                  size: int, name: str) -> None:
+    """Add one flat-tap element per root unit (``reads``: (flat element, root)), after checking
+    that each element lies in the input channel torch-pruning maps its unit to."""
+    if not tap.flat or size % width:
+        raise ValueError(f"internal: '{name}' needs a flat tap of a multiple of {width} elements")
+    for element, r in reads:
+        if r not in position:
+            continue
+        channel = element // (size // width) if tap.channel_dim == 1 else element % width
+        if channel_of_root.get(r, channel) != channel:
+            raise UnscorableGroup(f"'{name}' reads its units through a reshape whose element "
+                                  "order fxgndi cannot follow (unit and channel disagree)")
+        pairs[(element, position[r])] = None
 
 
 def group_tangents(tangents: dict[str, torch.Tensor], plan: GroupPlan) -> torch.Tensor:
@@ -224,9 +281,13 @@ class GroupEffectImportance(tp.importance.Importance):
     (:meth:`batch_effects`).
 
     Call it on a torch-pruning group; it returns one score per root channel (a CPU float tensor
-    of ``len(group[0].idxs)``). The intervention sets what the consumers read to ``baseline``:
-    ``"zero"`` (what removal does) or ``"channel-mean"`` (what removal with compensation does),
-    calibrated on ``data``.
+    of ``len(group[0].idxs)``), or None for a group it cannot score, which torch-pruning's
+    pruners skip (their contract for importances): one that a layer G-NDI cannot tap reads (an
+    LSTM, a layer inside a leaf module) or that nothing reads (its channels are model outputs:
+    an unignored classifier). :attr:`skipped` maps the root layer of each such group to the
+    reason; :func:`fxgndi.prune` reports them in ``result.skipped``. The intervention sets
+    what the consumers read to ``baseline``: ``"zero"`` (what removal does) or
+    ``"channel-mean"`` (what removal with compensation does), calibrated on ``data``.
 
     Scores are computed for every group of a model in one pass over the data and cached by a
     fingerprint of the model (:func:`model_fingerprint`: names, shapes and checksums of every
@@ -250,6 +311,18 @@ class GroupEffectImportance(tp.importance.Importance):
         normalizer: as torch-pruning's importances (None, "mean", "max", "sum",
             "standarization", "gaussian", "lamp", "sentinel_<q>", or a callable); None keeps
             the raw effects, on one scale (the readout's) across groups.
+        group_reduction: accepted for code written for torch-pruning's importances, which
+            score every member of a group (each conv, BatchNorm, ... that loses the channel)
+            and reduce the member scores: "mean" (default), "sum", "max", "prod", "first",
+            "gate", or None (no reduction: ``[members, channels]``). G-NDI has one score per
+            group, not per member: removing a channel removes it from every member at once
+            (one alpha drives them all), so the effect is the norm of the members' tangents
+            summed *before* the norm, the group's single row. Every reduction of that one row
+            is the row itself, so all of them give the same scores ("sum" does not multiply
+            by a member count: scores stay on the readout's scale across groups, as global
+            pruning needs), and None returns the row as ``[1, channels]``. (A per-consumer
+            split, the effect of one consumer no longer reading the channel, is not the
+            effect of any pruning torch-pruning does, so it is not offered.)
         consumers: module class -> channel dim of the modules, besides conv / linear layers,
             that read a group's channels as a whole (a torch-pruning customized pruner's
             in-channels, e.g. Swin's patch merging): traced as leaves and tapped.
@@ -260,7 +333,7 @@ class GroupEffectImportance(tp.importance.Importance):
     name = "effect"
 
     def __init__(self, data: Iterable, *, readout: str = "logits", baseline: str = "zero",
-                 p: float = 2, normalizer: Any = None,
+                 p: float = 2, normalizer: Any = None, group_reduction: str | None = "mean",
                  consumers: dict[type, int] | None = None, **run: Unpack[RunKwargs]) -> None:
         check_choice("readout", readout, READOUTS)
         check_choice("baseline", baseline, BASELINES)
@@ -268,9 +341,14 @@ class GroupEffectImportance(tp.importance.Importance):
                 or str(normalizer).startswith("sentinel_")):
             raise ValueError(f"unknown normalizer {normalizer!r}: use one of {NORMALIZERS}, "
                              "'sentinel_<q>' or a callable")
+        if group_reduction not in GROUP_REDUCTIONS:
+            raise ValueError(f"unknown group_reduction {group_reduction!r}: use one of "
+                             f"{GROUP_REDUCTIONS} (torch-pruning's; all give G-NDI's one score "
+                             "per group, None as [1, channels])")
         if p <= 0:
             raise ValueError(f"p must be positive, not {p}")
         self.data = data
+        self.group_reduction = group_reduction
         self.readout, self.baseline, self.p = readout, baseline, p
         self.normalizer = normalizer
         self.consumers = dict(consumers or {})
@@ -285,7 +363,8 @@ class GroupEffectImportance(tp.importance.Importance):
             >>> imp = GNDIImportance([torch.randn(2, 3, 8, 8)])
             >>> imp.clear()
         """
-        self._scores: OrderedDict[tuple, dict[tuple, torch.Tensor]] = OrderedDict()
+        self._scores: OrderedDict[tuple, dict[tuple, torch.Tensor | str]] = OrderedDict()
+        self.skipped: dict[str, str] = {}  # root layer -> why None was returned for its group
         self._seen: tuple | None = None  # the dependency graph state last fingerprinted
         self._state: dict[str, Any] = {}  # the intervention graph of one model
         self._state_of: tuple | None = None  # (weakref to that model, its fingerprint)
@@ -305,22 +384,32 @@ class GroupEffectImportance(tp.importance.Importance):
         on batch number ``index`` of the data."""
         raise NotImplementedError
 
-    def __call__(self, group: Any) -> torch.Tensor:
+    def __call__(self, group: Any) -> torch.Tensor | None:
         dg = graph_of(group)
         fingerprint, names = self._fingerprint(dg)
         scores = self._scores.get(fingerprint)
         if scores is None:  # a new model, or pruned, or edited: score every group afresh
-            self._build(dg.model, fingerprint)
-            scores = self._score(self._all_plans(dg))
+            groups = list(dg.get_all_groups(root_module_types=ROOT_TYPES))
+            self._build(dg.model, fingerprint, _flat_layers(groups, names))
+            plans, reasons = self._all_plans(groups)
+            scores = {**self._score(plans), **reasons}
             self._scores[fingerprint] = scores
             while len(self._scores) > CACHED_MODELS:
                 self._scores.popitem(last=False)
         self._scores.move_to_end(fingerprint)
         key = _group_key(group, names)
         if key not in scores:  # a group that get_all_groups() does not yield
-            self._build(dg.model, fingerprint)
-            scores.update(self._score({key: self._plan(group)}))
-        return normalize(scores[key].clone(), self.normalizer)
+            self._build(dg.model, fingerprint, _flat_layers([group], names))
+            try:
+                scores.update(self._score({key: self._plan(group)}))
+            except UnscorableGroup as exc:
+                scores[key] = str(exc)
+        value = scores[key]
+        if isinstance(value, str):  # torch-pruning's contract: None skips the group
+            self.skipped[key[0]] = value
+            return None
+        value = value.clone() if self.group_reduction is not None else value[None].clone()
+        return normalize(value, self.normalizer)
 
     def _fingerprint(self, dg: Any) -> tuple[tuple, dict[nn.Module, str]]:
         """The model's fingerprint and module names, taken again only when the dependency
@@ -336,20 +425,22 @@ class GroupEffectImportance(tp.importance.Importance):
         self.seconds += time.perf_counter() - start
         return fingerprint, names
 
-    def _build(self, model: nn.Module, fingerprint: tuple) -> None:
-        """Tap the consumers of ``model`` and set the taps' baselines (unless built already
-        for this model in this state)."""
+    def _build(self, model: nn.Module, fingerprint: tuple, flat: set[str]) -> None:
+        """Tap the consumers of ``model`` (those named in ``flat`` with flat taps) and set the
+        taps' baselines, unless built already for this model in this state with those taps."""
         if self._state_of is not None and self._state_of[0]() is model \
                 and self._state_of[1] == fingerprint:
-            return
+            if flat <= self._state["flat"]:
+                return
+            flat = flat | self._state["flat"]  # keep the flat taps the cached plans assumed
         start = time.perf_counter()
         gm, taps = tap_consumers(model, leaf_modules=self.run.leaf_modules,
                                  consumers=self.consumers,
-                                 concrete_args=self.run.concrete_args)
+                                 concrete_args=self.run.concrete_args, flat=flat)
         graph = intervene(gm, sites=[t.name for t in taps], granularity="channel",
                           output=self.run.output)
         for site, tap in zip(graph.sites, taps):
-            site.channel_dim = tap.channel_dim  # a Linear reading NHWC has channels last
+            site.channel_dim = tap.site_dim  # a Linear reading NHWC has channels last
         device = device_of(model)
         with eval_mode(graph):
             if self.baseline == "zero":  # shapes are per sample: one sample records them
@@ -363,7 +454,7 @@ class GroupEffectImportance(tp.importance.Importance):
         for tap in taps:
             taps_of.setdefault(tap.module, []).append(tap)
         self._state = {"graph": graph, "device": device, "taps_of": taps_of,
-                       "names": _names(model),
+                       "names": _names(model), "flat": set(flat),
                        "channels": {s.name: s.channels for s in graph.sites}}
         self._state_of = (weakref.ref(model), fingerprint)
         self._new_model()
@@ -372,14 +463,18 @@ class GroupEffectImportance(tp.importance.Importance):
     def _new_model(self) -> None:
         """Hook for subclasses: a new intervention graph was built."""
 
-    def _all_plans(self, dg: Any) -> dict[tuple, GroupPlan]:
-        plans = {}
-        for group in dg.get_all_groups(root_module_types=ROOT_TYPES):
+    def _all_plans(self, groups: Iterable[Any]
+                   ) -> tuple[dict[tuple, GroupPlan], dict[tuple, str]]:
+        """The plans of ``groups`` (every group torch-pruning can form), and why the others
+        cannot be scored (the classifier's outputs, a group an LSTM reads)."""
+        plans, reasons = {}, {}
+        for group in groups:
+            key = _group_key(group, self._state["names"])
             try:
-                plans[_group_key(group, self._state["names"])] = self._plan(group)
-            except ValueError:
-                continue  # e.g. the classifier's outputs: an error only if the pruner asks
-        return plans
+                plans[key] = self._plan(group)
+            except UnscorableGroup as exc:
+                reasons[key] = str(exc)
+        return plans, reasons
 
     def _plan(self, group: Any) -> GroupPlan:
         s = self._state
@@ -574,6 +669,12 @@ def model_fingerprint(model: nn.Module) -> tuple:
         values = torch.stack(sums).cpu().tolist() if sums else []
     return tuple((n, tuple(t.shape), str(t.dtype), str(t.device), *v)
                  for (n, t), v in zip(tensors, values))
+
+
+def _flat_layers(groups: Iterable[Any], names: dict[nn.Module, str]) -> set[str]:
+    """The consumers that read a group's units as elements (:func:`element_reads`)."""
+    return {names[layer] for group in groups for layer, reads in element_reads(group).items()
+            if reads is not None and layer in names}
 
 
 def _group_key(group: Any, names: dict[nn.Module, str]) -> tuple:

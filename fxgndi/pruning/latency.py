@@ -63,6 +63,11 @@ class PerLatency(tp.importance.Importance):
     def __init__(self, inner: tp.importance.Importance, table: dict[str, float]) -> None:
         self.inner, self.table = inner, table
 
+    @property
+    def skipped(self) -> dict[str, str]:
+        """The inner importance's reasons for the groups it did not score."""
+        return getattr(self.inner, "skipped", {})
+
     def __call__(self, group: Any) -> torch.Tensor | None:
         scores = self.inner(group)
         if scores is None:

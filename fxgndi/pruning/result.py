@@ -123,7 +123,9 @@ class PruneResult(PruningResult):
                 f"{self.settings.get('target', '?')} sparsity "
                 f"{self.settings.get('sparsity', float('nan')):.3g} (channel ratio "
                 f"{self.pruning_ratio:.3f}) in {self.seconds:.1f} s")
-        return f"{head}\n{summary}\n\n{layers}"
+        skipped = "" if not self.skipped else "\n\n" + format_table(
+            sorted(self.skipped.items()), ["kept whole", "why"])
+        return f"{head}\n{summary}\n\n{layers}{skipped}"
 
 
 @dataclass

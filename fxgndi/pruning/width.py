@@ -11,7 +11,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -195,7 +195,8 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
         settings["scoring_seconds"] = base.seconds
     return PruneResult(model=pruned, macs_before=int(macs0), macs_after=int(macs1),
                        params_before=int(params0), params_after=int(params1),
-                       settings=settings, seconds=time.perf_counter() - start, skipped=skipped,
+                       settings=settings, seconds=time.perf_counter() - start,
+                       skipped={**skipped, **kept.skipped},
                        channels={n: (channels0[n], channels1.get(n, 0)) for n in channels0},
                        kept=kept[0], kept_inputs=kept[1], pruning_ratio=ratio)
 
@@ -251,11 +252,12 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
                 compensate: bool, max_batches: int | None, seed: int,
                 widths: Sequence[StaticWidth] = (),
                 between_steps: Callable[[nn.Module, dict[str, list[int]]], Any] | None = None
-                ) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
-    """Prune ``model`` in place; returns the original indices of the kept outputs and inputs.
-    ``between_steps(model, kept_outputs)`` runs after every iterative step but the last (the
-    repair, so that the next step scores a repaired model)."""
-    checked = _CheckedImportance(importance)
+                ) -> _Pruned:
+    """Prune ``model`` in place; returns the original indices of the kept outputs and inputs,
+    and the groups the importance did not score. ``between_steps(model, kept_outputs)`` runs
+    after every iterative step but the last (the repair, so that the next step scores a
+    repaired model)."""
+    checked = _CheckedImportance(importance, {m: n for n, m in model.named_modules()})
     tracker = _ChannelTracker(model)
     plan = architectures.plan_for(model)
     ties = Ties(model, compensate=compensate)
@@ -295,18 +297,35 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
     for fix in plan.after:
         fix(model)
     update_widths(model, list(widths))
-    return tracker.kept()
+    return _Pruned(*tracker.kept(), skipped=checked.skipped)
+
+
+class _Pruned(NamedTuple):
+    """What one pruning run did: original indices of the kept outputs and inputs per layer, and
+    the root layers of the groups the importance returned None for (why)."""
+
+    outputs: dict[str, list[int]]
+    inputs: dict[str, list[int]]
+    skipped: dict[str, str]
 
 
 class _CheckedImportance(tp.importance.Importance):
-    """Wraps an importance and checks each returned vector (torch-pruning does not)."""
+    """Wraps an importance, checks each returned vector (torch-pruning does not) and records
+    the groups it returned None for (torch-pruning skips them): root layer -> why."""
 
-    def __init__(self, inner: tp.importance.Importance) -> None:
-        self.inner = inner
+    def __init__(self, inner: tp.importance.Importance, names: dict[nn.Module, str]) -> None:
+        self.inner, self.names = inner, names
+        self.skipped: dict[str, str] = {}
 
     def __call__(self, group: Any) -> torch.Tensor | None:
         scores = self.inner(group)
         check_importance_length(scores, group, type(self.inner).__name__)
+        if scores is None:
+            root = group[0].dep.target.module
+            name = self.names.get(root, group[0].dep.target.name)
+            why = getattr(self.inner, "skipped", {}).get(name, "")
+            self.skipped[name] = (f"keeps its width: {type(self.inner).__name__} did not score "
+                                  f"its group{': ' + why if why else ''}")
         return scores
 
 

@@ -261,7 +261,7 @@ def _one_copy_bytes(imp, model, x, mode):
     """What one sample with one vmapped copy (output or probe) creates, measured by hand."""
     group = _group(model, x, model.conv_b)
     imp(group)  # builds the intervention graph
-    graph, plans = imp._state["graph"], imp._all_plans(group._DG)
+    graph, plans = imp._state["graph"], imp._all_plans(group._DG.get_all_groups())[0]
     x1, k = x[:1], 40
     z = probe_signs(0, 0, 1, 1, k)
 
