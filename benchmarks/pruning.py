@@ -165,6 +165,15 @@ def verdict(rows: list[dict[str, Any]], key: str, gndi: str = "gndi-zero") -> li
     return out
 
 
+def by_point(rows: list[dict[str, Any]], key: str) -> tuple[list[list[Any]], list[str]]:
+    """One row per criterion, one column per MAC point: the accuracy ``key``."""
+    factors = sorted({r["reduction"] for r in rows})
+    names = list(dict.fromkeys(r["criterion"] for r in rows))
+    at = {(r["criterion"], r["reduction"]): r.get(key, float("nan")) for r in rows}
+    return ([[n] + [at.get((n, f), float("nan")) for f in factors] for n in names],
+            ["criterion"] + [f"{f:g}x" for f in factors])
+
+
 def plot(rows: list[dict[str, Any]], dense: float, path: str, title: str) -> None:
     plt = pyplot()
     panels = [("acc", "as pruned"), ("acc_recal", "BN recalibrated"),
@@ -212,6 +221,10 @@ def report(rows: list[dict[str, Any]], dense: dict[str, Any], s: dict[str, Any],
                        ["criterion", "MAC red.", "MACs kept", "acc", "acc BN-recal",
                         "acc repair", "acc FT", "score s", "repair s", "prune s"],
                        floatfmt=".3f"))
+    for key, label in (("acc_repair", "repaired (fxgndi.prune's default)"),
+                       ("acc_recal", "BN-recal only")):
+        print(f"\ntop-1 by MAC reduction, {label}:")
+        print(format_table(*by_point(rows, key), floatfmt=".3f"))
     for key, label in (("acc", "as pruned"), ("acc_recal", "BN-recal"),
                        ("acc_repair", "repaired (default)"), ("acc_ft", "repaired + FT")):
         table = verdict(rows, key)
@@ -220,8 +233,8 @@ def report(rows: list[dict[str, Any]], dense: dict[str, Any], s: dict[str, Any],
             print(format_table(table, ["point", "gndi-zero", "best built-in", "its acc",
                                        "gndi >= best"], floatfmt=".3f"))
     if any(r["criterion"] in TP_BUILTINS for r in rows):
-        import torch_pruning as tp
-        print("\n" + NOTES.format(version=tp.__version__))
+        from importlib.metadata import version  # torch_pruning.__version__ lags its releases
+        print("\n" + NOTES.format(version=version("torch-pruning")))
     if plot_path:
         plot(rows, dense["accuracy"], plot_path, head.split(";")[0])
         print(f"\nfigure: {plot_path}")

@@ -18,8 +18,8 @@ from typing import Any, Callable, Sequence
 # scipy or matplotlib. Each subcommand imports what it runs.
 from fxgndi.core.names import (BASELINES, DATA_SPLITS, DEFAULT_PROBES, DEPTH_BASELINES,
                                DEPTH_IMPORTANCES, DEPTH_TARGETS, EXPORT_FORMATS, GRANULARITIES,
-                               METRICS, MODES, PRUNE_IMPORTANCES, PRUNE_TARGETS, READOUTS,
-                               VALIDITY_IMPORTANCES)
+                               LATENCY_RUNTIMES, METRICS, MODES, PRUNE_IMPORTANCES,
+                               PRUNE_TARGETS, READOUTS, VALIDITY_IMPORTANCES)
 
 EXAMPLES = """examples:
   fxgndi demo
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     pruner.add_argument("--sparsity", type=float, default=0.5,
                         help="fraction of channels / params / MACs to remove, in (0, 1)")
     pruner.add_argument("--target", default="channels", choices=PRUNE_TARGETS)
+    _latency_args(pruner)
     pruner.add_argument("--importance", default="gndi", choices=PRUNE_IMPORTANCES)
     pruner.add_argument("--global-pruning", action="store_true")
     pruner.add_argument("--round-to", type=int, default=None, metavar="N",
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     depth.add_argument("--blocks", type=int, default=None, help="how many blocks to remove")
     depth.add_argument("--target", default=None, choices=DEPTH_TARGETS,
                        help="instead of --blocks: remove blocks until --sparsity of this is gone")
+    _latency_args(depth)
     depth.add_argument("--sparsity", type=float, default=None)
     depth.add_argument("--importance", default="gndi", choices=DEPTH_IMPORTANCES)
     depth.add_argument("--steps", type=int, default=4,
@@ -473,12 +475,29 @@ def _run_validate(args) -> None:
     _emit(args, report)
 
 
+def _latency_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("latency target (--target latency)")
+    group.add_argument("--runtime", default="eager", choices=LATENCY_RUNTIMES,
+                       help="what the latency is measured on: the eager module, its torch.export "
+                            "program (pt2) or onnxruntime (onnx)")
+    group.add_argument("--latency-batch", type=int, default=1, metavar="N",
+                       help="the batch size the latency is measured at")
+
+
+def _target(args):
+    """The pruning target: a name, or the Latency that --runtime / --latency-batch describe."""
+    if args.target != "latency":
+        return args.target
+    from fxgndi.deploy.latency import Latency
+    return Latency(runtime=args.runtime, batch_size=args.latency_batch)
+
+
 def _run_prune(args) -> None:
     from fxgndi.pruning.width import prune
     if args.out:
         _check_format(args)
     model, data = _load(args)
-    result = prune(model, data, sparsity=args.sparsity, target=args.target,
+    result = prune(model, data, sparsity=args.sparsity, target=_target(args),
                    importance=args.importance, global_pruning=args.global_pruning,
                    round_to=args.round_to, repair=_repair(args, compensate=args.compensate),
                    seed=args.seed, progress=not args.quiet, **_trace_kwargs(args))
@@ -580,7 +599,7 @@ def _run_prune_depth(args) -> None:
     if args.out:
         _check_format(args, graph_module=True)
     model, data = _load(args)
-    result = prune_depth(model, data, n_blocks=args.blocks, target=args.target,
+    result = prune_depth(model, data, n_blocks=args.blocks, target=_target(args),
                          sparsity=args.sparsity, importance=args.importance,
                          baseline=args.baseline, greedy=args.greedy, steps=args.steps,
                          repair=_repair(args), seed=args.seed, progress=not args.quiet,

@@ -246,11 +246,12 @@ def provenance() -> str:
         >>> provenance().startswith("`make demo` with torch ")
         True
     """
+    from importlib.metadata import version  # torch_pruning.__version__ lags its releases
+
     import torch
-    import torch_pruning
     import torchvision
     return (f"`make demo` with torch {torch.__version__}, torchvision {torchvision.__version__}"
-            f", torch-pruning {torch_pruning.__version__}, on the CPU")
+            f", torch-pruning {version('torch-pruning')}, on the CPU")
 
 
 def block(name: str, text: str) -> str:

@@ -49,6 +49,8 @@ PRUNE_TARGETS = ("channels", "params", "macs", "latency")
 # Depth pruning (whole residual branches).
 DEPTH_IMPORTANCES = ("gndi", "ablation", "random")
 DEPTH_TARGETS = ("macs", "params", "latency")
+# where a latency target is measured (fxgndi.Latency): the module, torch.export, onnxruntime
+LATENCY_RUNTIMES = ("eager", "pt2", "onnx")
 DEPTH_BASELINES = ("zero", "channel-mean")
 
 EXPORT_FORMATS = {".pt2": "pt2", ".onnx": "onnx", ".ts": "torchscript", ".pth": "state_dict"}

@@ -20,9 +20,10 @@ import torch
 import torch.nn as nn
 
 from fxgndi.core.checks import check_choice
+from fxgndi.core.names import LATENCY_RUNTIMES
 from fxgndi.core.runtime import device_of, eval_mode, torch_threads
 
-RUNTIMES = ("eager", "pt2", "onnx")
+RUNTIMES = LATENCY_RUNTIMES
 
 
 @dataclass(frozen=True)

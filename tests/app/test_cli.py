@@ -257,3 +257,16 @@ def test_trace_options_reach_the_verbs(capsys, monkeypatch):
     assert seen["output"] == 0
     assert main(["score", *COMMON, "--concrete-arg", "flag"]) == 1
     assert "NAME=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["prune", "prune-depth"])
+def test_a_latency_target_is_measured_on_the_runtime_and_batch_asked_for(command):
+    from fxgndi.app.cli import _target
+    from fxgndi.deploy.latency import Latency
+    args = build_parser().parse_args([command, "--model", "resnet18", "--target", "latency",
+                                      "--runtime", "onnx", "--latency-batch", "32"])
+    assert _target(args) == Latency(runtime="onnx", batch_size=32)
+    macs = build_parser().parse_args([command, "--model", "resnet18", "--target", "macs"])
+    assert _target(macs) == "macs"
+    with pytest.raises(SystemExit):  # argparse: a runtime that does not exist
+        build_parser().parse_args([command, "--target", "latency", "--runtime", "tvm"])
