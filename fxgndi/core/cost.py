@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from fxgndi.core.runtime import device_of, eval_mode
-from fxgndi.core.streams import iter_batches
+from fxgndi.core.streams import call_model, input_arity, iter_batches
 
 
 def forward_seconds(model: nn.Module, data: Iterable, *, max_batches: int | None = None,
@@ -25,14 +25,15 @@ def forward_seconds(model: nn.Module, data: Iterable, *, max_batches: int | None
         True
     """
     device = device_of(model)
-    batches = [x for x, _ in iter_batches(data, device=device, max_batches=max_batches)]
+    batches = [x for x, _ in iter_batches(data, device=device, max_batches=max_batches,
+                                          arity=input_arity(model))]
     best = float("inf")
     with eval_mode(model), torch.no_grad():
-        model(batches[0])  # warm-up: first-call allocations are not the model's cost
+        call_model(model, batches[0])  # warm-up: first-call allocations are not its cost
         for _ in range(repeat):
             start = time.perf_counter()
             for x in batches:
-                model(x)
+                call_model(model, x)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - start)

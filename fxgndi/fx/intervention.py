@@ -27,7 +27,8 @@ from fxgndi.core.names import BASELINES, GRANULARITIES
 from fxgndi.core.outputs import OutputSpec, select_output
 from fxgndi.core.report import format_table
 from fxgndi.core.runtime import eval_mode
-from fxgndi.core.streams import batch_count, iter_batches
+from fxgndi.core.streams import (Inputs, as_inputs, batch_count, call_model, input_arity,
+                                 iter_batches)
 from fxgndi.fx.sites import Site, SiteSpec, default_channel_dim, select_sites
 from fxgndi.fx.trace import trace
 
@@ -123,11 +124,18 @@ class InterventionGraph(nn.Module):
             raise SiteSelectionError(f"'{name}' is not a site of this graph; sites: "
                                      f"{', '.join(self.site_names)}") from None
 
-    def forward(self, *inputs: torch.Tensor,
+    @property
+    def arity(self) -> int:
+        """How many positional inputs the model takes (:func:`fxgndi.core.streams.input_arity`)."""
+        return input_arity(self.model)
+
+    def forward(self, *inputs: Any,
                 alphas: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         kwargs = {}
         for name, alpha in (alphas or {}).items():
             kwargs[f"{_ALPHA_PREFIX}{self._index_of(name)}"] = alpha
+        if len(inputs) == 1 and isinstance(inputs[0], Inputs):  # a batch of several inputs
+            return select_output(call_model(self.gm, inputs[0], **kwargs), self.output)
         return select_output(self.gm(*inputs, **kwargs), self.output)
 
     def set_baseline(self, name: str, value: torch.Tensor | None) -> None:
@@ -240,9 +248,8 @@ def intervene(model: nn.Module, sites: SiteSpec = "conv", *, granularity: str = 
     _insert_interventions(gm, selected, granularity)
     graph = InterventionGraph(gm, selected, granularity, model, output)
     if example_inputs is not None:
-        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
         with eval_mode(graph):
-            graph.describe(*inputs)
+            graph.describe(as_inputs(example_inputs))
     apply_baseline(graph, baseline, data, progress=progress)
     return graph
 
@@ -321,7 +328,7 @@ def calibrate(graph: InterventionGraph, data: Iterable, *, kind: str = "channel-
     device = next((p.device for p in graph.parameters()), None)
     means: dict[str, RunningMean] = {}
     dtypes: dict[str, torch.dtype] = {}
-    batches = iter_batches(data, device=device, max_batches=max_batches)
+    batches = iter_batches(data, device=device, max_batches=max_batches, arity=graph.arity)
     with eval_mode(graph), torch.no_grad():
         for i, (x, _) in enumerate(tqdm(batches, desc="calibrate", disable=not progress,
                                         total=batch_count(data, max_batches), unit="batch")):

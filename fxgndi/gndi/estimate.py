@@ -135,7 +135,7 @@ def score(model: nn.Module | InterventionGraph, data: Iterable, *,
                            need_labels=readout in ("loss", "margin"),
                            why=f"readout '{readout}'", settings=settings,
                            desc="G-NDI" if steps == 1 else f"G-NDI ({steps} path points)",
-                           steps_per_batch=steps)
+                           steps_per_batch=steps, arity=graph.arity)
     meta = {"readout": readout, "p": p, "steps": steps, "mode": chosen,
             **({"probes": probes} if chosen == "probe" else {}), "baseline": baseline_name,
             "granularity": graph.granularity,
@@ -200,7 +200,8 @@ def ablate(model: nn.Module | InterventionGraph, data: Iterable, *,
     with eval_mode(graph), torch.no_grad():
         stats = accumulate(data, units, effects_of_batch, opts, device=device,
                            need_labels=metric in ("accuracy", "loss"),
-                           why=f"metric '{metric}'", desc="ablate", settings=settings)
+                           why=f"metric '{metric}'", desc="ablate", settings=settings,
+                           arity=graph.arity)
     meta = {"metric": metric, "baseline": baseline_name, "granularity": graph.granularity,
             **memory_meta(opts.max_memory, plan)}
     return Scores(units=units, values=stats.mean.numpy(), stderr=stats.stderr.numpy(),

@@ -15,8 +15,8 @@ from fxgndi.core.errors import DataError, FxgndiError
 from fxgndi.core.moments import RunningMoments
 from fxgndi.core.options import RunOptions
 from fxgndi.core.runtime import device_of, eval_mode, on_device
-from fxgndi.core.streams import (batch_count, example_input, first_batch, iter_batches,
-                                 require_reiterable)
+from fxgndi.core.streams import (Inputs, as_inputs, batch_count, call_model, example_input,
+                                 first_batch, input_arity, iter_batches, require_reiterable)
 from fxgndi.fx.intervention import InterventionGraph, intervene
 from fxgndi.fx.sites import SiteSpec
 from fxgndi.gndi.checkpoint import check_world, load_state, rank_path, save_state
@@ -28,14 +28,15 @@ def accumulate(data: Iterable, units: Sequence[Unit],
                per_batch: Callable[[torch.Tensor, torch.Tensor | None, int,
                                     Callable[[float], None]], torch.Tensor],
                run: RunOptions, *, device: torch.device, need_labels: bool, why: str,
-               desc: str, settings: dict[str, Any], steps_per_batch: int = 1
-               ) -> RunningMoments:
+               desc: str, settings: dict[str, Any], steps_per_batch: int = 1,
+               arity: int = 1) -> RunningMoments:
     """The one accumulation path of score and ablate: this rank's batches (resumed where a
     saved state left off), per-sample values into running sums, the sums saved to
     ``run.run_state`` every ``run.save_every`` batches and on interruption, then summed over
     ranks. ``per_batch(x, y, index, tick)`` gives the [B, units] values of batch ``index``;
     the progress bar counts ``steps_per_batch`` steps per batch (path points), of which
-    ``tick(n)`` reports ``n`` done (it may be a fraction: part of a batch)."""
+    ``tick(n)`` reports ``n`` done (it may be a fraction: part of a batch). ``arity``: the
+    model's positional inputs (how a batch is split: :func:`fxgndi.core.streams.split_batch`)."""
     rank, world = rank_and_world()
     stats = RunningMoments(len(units))
     settings = {**settings, "world": world}
@@ -55,7 +56,7 @@ def accumulate(data: Iterable, units: Sequence[Unit],
 
     batches = iter_batches(my_batches(data, start=done, max_batches=run.max_batches),
                            device=device, need_labels=need_labels, why=why,
-                           allow_empty=world > 1 or done > 0)
+                           allow_empty=world > 1 or done > 0, arity=arity)
     total = _rank_share(batch_count(data, run.max_batches), world)
     work = max(1, steps_per_batch)
     bar = tqdm(desc=desc, disable=not run.progress or rank != 0, initial=done * work,
@@ -118,8 +119,10 @@ def prepare(model: nn.Module | InterventionGraph, data: Iterable, run: RunOption
         if channels is not None:
             granularity = "channel"
         model, device = on_device(model, run.device)
-        example = first_batch(iter_batches(data, device=device)) \
-            if run.example_inputs is None else example_input(data, run.example_inputs, device)
+        arity = input_arity(model)
+        example = first_batch(iter_batches(data, device=device, arity=arity)) \
+            if run.example_inputs is None \
+            else as_inputs(example_input(data, run.example_inputs, device))
         check_accepts(model, example)
         # One sample records the shapes: a whole batch would cost memory outside max_memory.
         graph = intervene(model, "conv" if sites is None else sites,
@@ -139,7 +142,7 @@ def _existing_graph(graph: InterventionGraph, data: Iterable, device: Any
         raise ValueError("an InterventionGraph is used on its own device; build it on "
                          f"{target} (move the model there first)")
     if any(s.shape is None for s in graph.sites):
-        example = first_batch(iter_batches(data, device=target))
+        example = first_batch(iter_batches(data, device=target, arity=graph.arity))
         check_accepts(graph, example)
         with eval_mode(graph):
             graph.describe(example[:1])
@@ -157,12 +160,14 @@ def check_accepts(model: nn.Module, x: torch.Tensor) -> None:
     """
     try:
         with eval_mode(model), torch.no_grad():
-            model(x[:1])
+            call_model(model, x[:1])
     except FxgndiError:
         raise
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise DataError(f"the model rejects inputs of shape {tuple(x.shape)} "
+        shape = [tuple(t.shape) for t in x.tensors()] if isinstance(x, Inputs) \
+            else tuple(x.shape)
+        raise DataError(f"the model rejects inputs of shape {shape} "
                         f"({type(exc).__name__}: {reason}); feed it the input size and "
                         "channels it was built for (e.g. --image-size), or load the matching "
                         "model") from exc

@@ -24,7 +24,7 @@ from fxgndi.core.cost import forward_seconds
 from fxgndi.core.names import METRICS, VALIDITY_IMPORTANCES
 from fxgndi.core.options import RunKwargs, run_options
 from fxgndi.core.report import format_table, pyplot, save_figure
-from fxgndi.core.streams import first_batch, require_reiterable
+from fxgndi.core.streams import first_batch, input_arity, require_reiterable
 from fxgndi.fx.analysis import facts
 from fxgndi.fx.intervention import InterventionGraph, intervene
 from fxgndi.fx.sites import SiteSpec
@@ -168,9 +168,10 @@ def validate(model: nn.Module, data: Iterable, *, importances: Sequence[str] | N
         raise ValueError(f"n_channels must be an integer >= 2 (a rank correlation needs at "
                          f"least two units), not {n_channels!r}")
     require_reiterable(data)
-    check_accepts(model, first_batch(data))
+    example = first_batch(data, arity=input_arity(model))
+    check_accepts(model, example)
     graph = intervene(model, sites, granularity=granularity, baseline=baseline, data=data,
-                      example_inputs=first_batch(data), leaf_modules=opts.leaf_modules,
+                      example_inputs=example, leaf_modules=opts.leaf_modules,
                       concrete_args=opts.concrete_args, output=opts.output,
                       progress=opts.progress)
     units = _units(graph, n_channels, opts.seed)
@@ -178,7 +179,7 @@ def validate(model: nn.Module, data: Iterable, *, importances: Sequence[str] | N
     common = dict(max_batches=opts.max_batches, progress=opts.progress,
                   max_memory=opts.max_memory, chunk_size=opts.chunk_size)
     # Untimed warm-up: the first functorch transform of a graph pays one-off set-up costs.
-    score(graph, [first_batch(data)[:2]], progress=False)
+    score(graph, [example[:2]], progress=False)
     truth_scores = ablate(graph, data, metric=truth, channels=channels, **common)
     if truth_scores.n_samples < 2:
         warnings.warn(f"validate measured the truth on {truth_scores.n_samples} sample: its "

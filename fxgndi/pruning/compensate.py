@@ -18,7 +18,7 @@ from fxgndi.core.errors import FxgndiError
 from fxgndi.core.layers import CONVS, LAYERS, input_channel_dim
 from fxgndi.core.moments import RunningMean
 from fxgndi.core.runtime import device_of, eval_mode
-from fxgndi.core.streams import iter_batches
+from fxgndi.core.streams import call_model, input_arity, iter_batches
 from fxgndi.pruning._tp import consumer_items
 
 
@@ -125,8 +125,9 @@ def consumer_input_means(model: nn.Module, data: Iterable, *, max_batches: int |
                if isinstance(m, LAYERS)]
     try:
         with eval_mode(model), torch.no_grad():
-            for x, _ in iter_batches(data, device=device_of(model), max_batches=max_batches):
-                model(x)
+            for x, _ in iter_batches(data, device=device_of(model), max_batches=max_batches,
+                                     arity=input_arity(model)):
+                call_model(model, x)
     finally:
         for h in handles:
             h.remove()

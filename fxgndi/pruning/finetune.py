@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from fxgndi.core.checks import check_finite
 from fxgndi.core.errors import DataError
 from fxgndi.core.runtime import device_of, eval_mode, on_device
-from fxgndi.core.streams import iter_batches
+from fxgndi.core.streams import call_model, input_arity, iter_batches
 from fxgndi.pruning.recalibrate import recalibrate_bn
 
 __all__ = ["fine_tune", "train_classifier", "evaluate", "FINETUNE_LR"]
@@ -131,8 +131,9 @@ def train_classifier(model: nn.Module, loader: Iterable[Any], *, epochs: int,
     with seeded(seed, dev), tqdm(total=epochs * steps_per_epoch, desc="train",
                                  disable=not progress, leave=False) as bar:
         for epoch in range(epochs):
-            for x, y in iter_batches(loader, device=dev, need_labels=True, why="training"):
-                loss = loss_fn(model(x), y)
+            for x, y in iter_batches(loader, device=dev, need_labels=True, why="training",
+                                     arity=input_arity(model)):
+                loss = loss_fn(call_model(model, x), y)
                 check_finite(loss, f"the training loss in epoch {epoch + 1}",
                              fix=f"lower the learning rate (lr={lr}) or check the inputs for "
                                  "NaN/Inf")
@@ -164,8 +165,8 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *,
     correct, total_loss, count = 0, 0.0, 0
     with eval_mode(model):  # restores every submodule's own train/eval flag
         for x, y in iter_batches(loader, device=dev, need_labels=True, why="evaluation",
-                                 allow_empty=True):
-            logits = model(x)
+                                 allow_empty=True, arity=input_arity(model)):
+            logits = call_model(model, x)
             total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(dim=1) == y).sum())
             count += int(y.numel())

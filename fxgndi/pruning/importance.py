@@ -300,9 +300,11 @@ class GroupEffectImportance(tp.importance.Importance):
     in between (a hand-written loop) is not seen: call :meth:`clear` after it.
 
     Args:
-        data: batches of ``(x, y)`` or ``x`` (labels only for the ``loss`` / ``margin``
-            readouts), re-iterable (a DataLoader or a list): read again whenever the model
-            changed.
+        data: batches of ``(inputs, y)`` or ``inputs`` (labels only for the ``loss`` /
+            ``margin`` readouts), re-iterable (a DataLoader or a list): read again whenever the
+            model changed. For a model with several inputs, ``inputs`` is a tuple (forward's
+            positional arguments) or a dict (its keyword arguments):
+            :func:`fxgndi.core.streams.split_batch` gives the rule.
         readout: ``"logits"``, ``"probs"``, ``"loss"`` (per-sample cross-entropy) or
             ``"margin"`` (true-class logit minus the best other): the last two are one
             output, so G-NDI on them costs one VJP per batch.
@@ -444,7 +446,8 @@ class GroupEffectImportance(tp.importance.Importance):
         device = device_of(model)
         with eval_mode(graph):
             if self.baseline == "zero":  # shapes are per sample: one sample records them
-                graph.describe(first_batch(iter_batches(self.data, device=device))[:1])
+                graph.describe(first_batch(iter_batches(self.data, device=device,
+                                                        arity=graph.arity))[:1])
             else:
                 means = calibrate(graph, self.data, kind=self.baseline,
                                   max_batches=self.run.max_batches)
@@ -487,7 +490,7 @@ class GroupEffectImportance(tp.importance.Importance):
         batches = iter_batches(self.data, device=self._state["device"],
                                max_batches=self.run.max_batches,
                                need_labels=self.readout in ("loss", "margin"),
-                               why=f"readout '{self.readout}'")
+                               why=f"readout '{self.readout}'", arity=graph.arity)
         with eval_mode(graph), torch.no_grad():
             for index, (x, y) in enumerate(tqdm(
                     batches, desc=f"{self.name} importance", disable=not self.run.progress,

@@ -18,7 +18,7 @@ from torch import nn
 
 from fxgndi.core.errors import DataError
 from fxgndi.core.runtime import device_of, eval_mode
-from fxgndi.core.streams import iter_batches
+from fxgndi.core.streams import call_model, input_arity, iter_batches
 
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 
@@ -54,10 +54,10 @@ def recalibrate_bn(model: nn.Module, data: Iterable, *, max_batches: int | None 
                 m.momentum = None  # cumulative average over batches
                 m.train()
             for x, _ in iter_batches(data, device=device, max_batches=max_batches,
-                                     why="BatchNorm recalibration"):
+                                     why="BatchNorm recalibration", arity=input_arity(model)):
                 if x.shape[0] < 2:  # no batch variance (a loader's last, odd batch): skip
                     continue
-                model(x)
+                call_model(model, x)
                 count += x.shape[0]
             if count == 0:
                 raise DataError("BatchNorm recalibration read no batch of 2 or more samples: "

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from fxgndi.core.errors import DataError
 from fxgndi.core.layers import in_width, tied_parameters
 from fxgndi.core.runtime import device_of, eval_mode
-from fxgndi.core.streams import iter_batches
+from fxgndi.core.streams import call_model, input_arity, iter_batches
 
 _CHUNK_BYTES = 256 * 2**20  # patches per accumulation step, when no max_memory is given
 
@@ -143,7 +143,8 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, data: Iterable, *,
     # Read once and kept: the dense targets and the pruned inputs of a layer come from
     # separate passes, which must see the same samples in the same order (a shuffling loader
     # would pair the inputs of one sample with the targets of another).
-    data = [x for x, _ in iter_batches(data, device=device_of(pruned), max_batches=max_batches)]
+    data = [x for x, _ in iter_batches(data, device=device_of(pruned), max_batches=max_batches,
+                                       arity=input_arity(dense))]
     max_batches = None
     names = list(consumers(pruned, dense) if layers is None else layers)
     pruned_modules, dense_modules = dict(pruned.named_modules()), dict(dense.named_modules())
@@ -231,7 +232,7 @@ def _dense_outputs(model: nn.Module, data: Iterable, layers: list[nn.Module],
         for x, _ in iter_batches(data, device=device_of(model), max_batches=max_batches):
             seen.clear()
             try:
-                model(x)
+                call_model(model, x)
             except _Stop:
                 pass
     finally:
@@ -373,7 +374,7 @@ def _capture(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tenso
 
     handle = layer.register_forward_pre_hook(pre)
     try:
-        model(x)
+        call_model(model, x)
     except _Stop:
         pass
     finally:
@@ -401,7 +402,7 @@ def _run_order(model: nn.Module, data: Iterable, names: Sequence[str]
     try:
         x = next(iter_batches(data, device=device_of(model)))[0]
         with eval_mode(model), torch.no_grad():
-            model(x[:1])
+            call_model(model, x[:1])
     finally:
         for h in handles:
             h.remove()

@@ -25,7 +25,7 @@ from fxgndi.core.layers import BATCHNORMS, LAYERS, in_width, out_width
 from fxgndi.core.names import PRUNE_IMPORTANCES, PRUNE_TARGETS
 from fxgndi.core.options import RunKwargs, RunOptions, run_options
 from fxgndi.core.runtime import device_of, eval_mode
-from fxgndi.core.streams import example_input, iter_batches
+from fxgndi.core.streams import call_model, example_input, input_arity, iter_batches
 from fxgndi.fx.analysis import analyze, facts
 from fxgndi.fx.trace import trace
 from fxgndi.fx.widths import StaticWidth, static_widths, update_widths
@@ -118,7 +118,7 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
     check_count("round_to", round_to, allow_none=True,
                 meaning=" (channel counts are kept multiples of it)")
     device = device_of(model)
-    example = example_input(data, opts.example_inputs, device)
+    example = example_input(data, opts.example_inputs, device, arity=input_arity(model))
     plan = architectures.plan_for(model)
     base = _make_importance(importance, data, fixes.compensate, opts, plan)
     scorer = base
@@ -371,10 +371,13 @@ def _prepare_gradients(importance: tp.importance.Importance, model: nn.Module, d
     count = 0
     with eval_mode(model), torch.enable_grad():
         for x, y in iter_batches(data, device=device_of(model), max_batches=max_batches,
-                                 need_labels=True, why=f"importance '{type(importance).__name__}'"):
-            pieces = [(x[i:i + 1], y[i:i + 1]) for i in range(len(x))] if hessian else [(x, y)]
+                                 need_labels=True, why=f"importance '{type(importance).__name__}'",
+                                 arity=input_arity(model)):
+            pieces = [(x[i:i + 1], y[i:i + 1]) for i in range(x.shape[0])] if hessian \
+                else [(x, y)]
             for xs, ys in pieces:
-                grads = torch.autograd.grad(F.cross_entropy(model(xs), ys, reduction="sum"),
+                out = call_model(model, xs)
+                grads = torch.autograd.grad(F.cross_entropy(out, ys, reduction="sum"),
                                             params, allow_unused=True)
                 for t, g in zip(totals, grads):
                     if g is not None:
@@ -450,7 +453,7 @@ def _last_layer_run(model: nn.Module, example: Any) -> str:
                for m in model.modules() if isinstance(m, LAYERS)]
     try:
         with eval_mode(model), torch.no_grad():
-            model(*example) if isinstance(example, (tuple, list)) else model(example)
+            call_model(model, example)
     finally:
         for h in handles:
             h.remove()
@@ -495,10 +498,9 @@ def _static_widths(model: nn.Module, example: Any, opts: RunOptions
 
 def _check_runs(model: nn.Module, example: Any, untraceable: bool = False) -> None:
     """A returned model always runs: its forward on the example input, or a clear error."""
-    inputs = (example,) if isinstance(example, torch.Tensor) else tuple(example)
     try:
         with eval_mode(model), torch.no_grad():
-            model(*inputs)
+            call_model(model, example)
     except Exception as exc:
         raise FxgndiError(
             f"the pruned {type(model).__name__} fails its forward on example_inputs "

@@ -95,15 +95,17 @@ def requiring_grad(params: Iterable[torch.Tensor]) -> Iterator[None]:
 
 
 def batches(data: Iterable, device: torch.device, max_batches: int | None, *,
-            labels: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Up to ``max_batches`` float32 ``(x, y)`` batches on ``device`` (labels required by default).
+            labels: bool = True, arity: int = 1
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Up to ``max_batches`` float32 ``(x, y)`` batches on ``device`` (labels required by default;
+    ``arity``: the model's positional inputs, as :func:`fxgndi.core.streams.split_batch`).
 
     Example:
         >>> [x.dtype for x, _ in batches([(torch.zeros(1), torch.zeros(1))], "cpu", None)]
         [torch.float32]
     """
     return iter_batches(data, device=device, dtype=torch.float32, max_batches=max_batches,
-                        need_labels=labels, why="this criterion")
+                        need_labels=labels, why="this criterion", arity=arity)
 
 
 def first_input_shape(data: Iterable) -> tuple[int, ...]:

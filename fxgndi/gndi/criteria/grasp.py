@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fxgndi.core.streams import call_model, input_arity
+
 from ._common import (CHANNEL_LAYERS, Scores, check_finite, eval_mode, batches, logits_of,
                       per_channel, on_device, requiring_grad, resolve_layers)
 
@@ -85,10 +87,10 @@ def grasp_scores(model: nn.Module, data: Iterable, layers: Sequence[str] | None 
     net = _twice_differentiable(net, is_user_model=net is model)
     mods = resolve_layers(net, layers)
     weights = _hvp_weights(net)
-    held = list(batches(data, dev, max_batches))
+    held = list(batches(data, dev, max_batches, arity=input_arity(net)))
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits_of(net(x)) / temperature, y)
+        return F.cross_entropy(logits_of(call_model(net, x)) / temperature, y)
 
     # The math SDPA kernel: the fused CPU/flash kernels have no double backward.
     with eval_mode(net), requiring_grad(weights), torch.enable_grad(), \

@@ -22,6 +22,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from fxgndi.core.streams import call_model, input_arity
+
 from ._common import (Scores, channels_first, check_calls, check_finite, eval_mode,
                       forward_hooks, batches, on_device, resolve_layers)
 
@@ -71,9 +73,9 @@ def hrank_scores(model: nn.Module, data: Iterable, layers: Sequence[str] | None 
         return hook
 
     with eval_mode(net), torch.no_grad(), forward_hooks(net, mods, make_hook):
-        for x, _ in batches(data, dev, max_batches, labels=False):
+        for x, _ in batches(data, dev, max_batches, arity=input_arity(net), labels=False):
             calls.update(dict.fromkeys(calls, 0))
-            net(x)
+            call_model(net, x)
             check_calls("hrank", calls)
             seen += x.shape[0]
     return check_finite("hrank", {name: (s / seen).numpy() for name, s in sums.items()})

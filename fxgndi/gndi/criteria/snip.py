@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxgndi.core.streams import call_model, input_arity
+
 from ._common import (Scores, check_finite, eval_mode, batches, logits_of, per_channel,
                       on_device, requiring_grad, resolve_layers)
 
@@ -40,8 +42,8 @@ def snip_scores(model: nn.Module, data: Iterable, layers: Sequence[str] | None =
     weights = [m.weight for m in mods.values()]
     grads = [torch.zeros_like(w) for w in weights]
     with eval_mode(net), requiring_grad(weights), torch.enable_grad():
-        for x, y in batches(data, dev, max_batches):
-            loss = F.cross_entropy(logits_of(net(x)), y)
+        for x, y in batches(data, dev, max_batches, arity=input_arity(net)):
+            loss = F.cross_entropy(logits_of(call_model(net, x)), y)
             for acc, g in zip(grads, torch.autograd.grad(loss, weights, allow_unused=True)):
                 if g is not None:
                     acc += g

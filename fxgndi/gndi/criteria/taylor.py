@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxgndi.core.streams import call_model, input_arity
+
 from ._common import (Scores, channels_first, check_calls, check_finite, eval_mode,
                       forward_hooks, batches, logits_of, on_device, resolve_layers)
 
@@ -55,10 +57,10 @@ def taylor_scores(model: nn.Module, data: Iterable, layers: Sequence[str] | None
         return hook
 
     with eval_mode(net), torch.enable_grad(), forward_hooks(net, mods, make_hook):
-        for x, y in batches(data, dev, max_batches):
+        for x, y in batches(data, dev, max_batches, arity=input_arity(net)):
             for v in acts.values():
                 v.clear()
-            loss = F.cross_entropy(logits_of(net(x)), y, reduction="sum")
+            loss = F.cross_entropy(logits_of(call_model(net, x)), y, reduction="sum")
             check_calls("taylor", {name: len(v) for name, v in acts.items()})
             tensors = [acts[name][0] for name in mods]
             grads = torch.autograd.grad(loss, tensors, allow_unused=True)
