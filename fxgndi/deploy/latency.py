@@ -22,6 +22,7 @@ import torch.nn as nn
 from fxgndi.core.checks import check_choice
 from fxgndi.core.names import LATENCY_RUNTIMES
 from fxgndi.core.runtime import device_of, eval_mode, torch_threads
+from fxgndi.core.streams import call_model
 
 RUNTIMES = LATENCY_RUNTIMES
 
@@ -56,13 +57,14 @@ class Latency:
     def seconds(self, model: nn.Module, example_inputs: Any) -> float:
         """Median seconds of one call of ``model`` (on this runtime) on a batch of
         ``batch_size`` made from ``example_inputs``."""
-        inputs = _batch(example_inputs, self.batch_size)
+        inputs = repeat_batch(example_inputs, self.batch_size)
         with tempfile.TemporaryDirectory() as folder, eval_mode(model):
             run = self._runner(model, inputs, folder)
-            return median_seconds(lambda: run(*inputs), repeat=self.repeat, warmup=self.warmup,
+            return median_seconds(lambda: call_model(run, inputs), repeat=self.repeat,
+                                  warmup=self.warmup,
                                   threads=self.threads, device=device_of(model))
 
-    def _runner(self, model: nn.Module, inputs: tuple, folder: str) -> Callable[..., Any]:
+    def _runner(self, model: nn.Module, inputs: Any, folder: str) -> Callable[..., Any]:
         if self.runtime == "eager":
             return model
         from fxgndi.deploy.export import export, load
@@ -96,7 +98,20 @@ def median_seconds(call: Callable[[], Any], *, repeat: int = 5, warmup: int = 1,
     return statistics.median(times)
 
 
-def _batch(example: Any, size: int) -> tuple:
-    inputs = (example,) if isinstance(example, torch.Tensor) else tuple(example)
-    return tuple(t[:1].expand(size, *t.shape[1:]).contiguous() if isinstance(t, torch.Tensor)
-                 else t for t in inputs)
+def repeat_batch(example: Any, size: int) -> Any:
+    """``example``'s first sample repeated ``size`` times, for a tensor, a tuple of positional
+    inputs or a dict of keyword inputs (what :func:`fxgndi.core.streams.call_model` feeds).
+
+    Example:
+        >>> repeat_batch((torch.zeros(2, 3), torch.ones(2)), 4)[0].shape
+        torch.Size([4, 3])
+    """
+    def repeat(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim():
+            return t[:1].expand(size, *t.shape[1:]).contiguous()
+        return t
+    if isinstance(example, torch.Tensor):
+        return repeat(example)
+    if isinstance(example, dict):
+        return {k: repeat(v) for k, v in example.items()}
+    return tuple(repeat(t) for t in example)

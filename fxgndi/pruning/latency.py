@@ -20,7 +20,8 @@ import torch_pruning as tp
 
 from fxgndi.core.layers import LAYERS, in_width, out_width
 from fxgndi.core.runtime import eval_mode
-from fxgndi.deploy.latency import Latency, median_seconds
+from fxgndi.core.streams import call_model
+from fxgndi.deploy.latency import Latency, median_seconds, repeat_batch
 from fxgndi.pruning._tp import graph_of, prunes_inputs_only, prunes_outputs
 
 
@@ -38,10 +39,9 @@ def layer_latencies(model: nn.Module, example_inputs: Any, latency: Latency) -> 
     names = {m: n for n, m in model.named_modules() if isinstance(m, LAYERS)}
     handles = [m.register_forward_pre_hook(
         lambda mod, args: inputs.setdefault(names[mod], args[0].detach())) for m in names]
-    batch = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
     try:
         with eval_mode(model), torch.no_grad():
-            model(batch[:1].expand(latency.batch_size, *batch.shape[1:]).contiguous())
+            call_model(model, repeat_batch(example_inputs, latency.batch_size))
     finally:
         for h in handles:
             h.remove()

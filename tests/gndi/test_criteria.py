@@ -326,7 +326,7 @@ def test_errors_name_the_cause():
         score_channels("activation_taylor", m, data, ["bn"])
     with pytest.raises(ValueError, match="no batches"):
         snip_scores(m, [], LAYERS)
-    with pytest.raises(ValueError, match=r"\(x, y\)"):
+    with pytest.raises(ValueError, match=r"needs labels.*\(inputs, y\)"):
         snip_scores(m, [torch.zeros(2, 2, 8, 8)], LAYERS)
 
 

@@ -93,3 +93,23 @@ def test_every_runtime_times_the_model(runtime):
     assert count_macs_params(model, x)[0] > 0  # the model itself is untouched
     with pytest.raises(ValueError, match="unknown runtime"):
         Latency(runtime="tensorrt")
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.image = nn.Conv2d(3, 4, 3)
+        self.vector = nn.Linear(5, 4)
+
+    def forward(self, img, vec):
+        return self.image(img).mean((2, 3)) + self.vector(vec)
+
+
+def test_a_model_with_several_inputs_is_timed_on_all_of_them_at_the_batch_asked_for():
+    model, seen = TwoInputs(), []
+    model.register_forward_pre_hook(lambda m, args: seen.append([a.shape[0] for a in args]))
+    example = (torch.randn(1, 3, 6, 6), torch.randn(1, 5))
+    table = layer_latencies(model, example, Latency(repeat=1, warmup=0, batch_size=3))
+    assert set(table) == {"image", "vector"}
+    assert Latency(repeat=2, warmup=0, batch_size=3).seconds(model, example) > 0
+    assert seen == [[3, 3]] * 3  # the table's pass, then two timed calls: both inputs, batch 3
