@@ -11,7 +11,9 @@ a kernel's time is proportional to its width every width scores alike and nothin
 
 Rounding only ever removes channels: at a given channel ratio a rounded model never has more
 MACs than the unrounded one, so the ratio search of a MAC / parameter / latency target still
-meets the target (with a lower ratio: the other layers keep more). The multiple of each group is
+meets the target (with a lower ratio: the other layers keep more). Where the rounded widths step
+too coarsely for it (a few narrow groups) ``prune`` searches again without rounding and says so
+in ``settings["rounding_dropped"]``. The multiple of each group is
 chosen once, at the first ratio the search tries (its estimate of the answer), and then kept,
 so that the removed fraction stays monotone in the ratio the search bisects.
 
@@ -129,13 +131,16 @@ class Rounder:
         self.shapes = _layer_shapes(model, example_inputs)  # name -> (input, output) per sample
         self.decisions: dict[tuple[str, bool], int] = {}
         self.measured = 0  # kernels timed (not found in the cache)
+        self.enabled = True  # False: round nothing (prune drops rounding that misses a target)
         self._times = _read(self.path)
         self._new: dict[str, float] = {}
 
     @property
     def chosen(self) -> dict[str, int]:
         """Root layer -> the multiple its group was rounded to (groups left as they are are
-        absent)."""
+        absent; none once disabled)."""
+        if not self.enabled:
+            return {}
         return {name: m for (name, _), m in sorted(self.decisions.items()) if m > 1}
 
     def callback(self, model: nn.Module) -> RoundLayer:
@@ -146,6 +151,8 @@ class Rounder:
         def round_layer(dg: Any, module: nn.Module, outputs: bool, n_pruned: int,
                         channels: int) -> int:
             kept = channels - n_pruned
+            if not self.enabled:
+                return n_pruned
             key = (names.get(module, ""), outputs)
             if key not in self.decisions:
                 self.decisions[key] = self.choose(dg, module, outputs, kept, names)

@@ -185,8 +185,17 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
             measure = _reduction_measure(target, macs0 if target == "macs" else params0,
                                          example)
         search_between = repair_between is not None and global_pruning
-        ratio, (pruned, kept) = _search_ratio(
+        search = lambda: _search_ratio(  # noqa: E731
             lambda r: run_once(r, between=search_between), measure, sparsity, tolerance, target)
+        try:
+            ratio, (pruned, kept) = search()
+        except FxgndiError:
+            if rounder is None or not rounder.chosen:
+                raise
+            # The rounded widths step too coarsely for the target (few, narrow groups): the
+            # budget comes first, so the search runs again without rounding, and says so.
+            rounder.enabled = False
+            ratio, (pruned, kept) = search()
         if inplace or (repair_between is not None and not search_between):
             pruned, kept = run_once(ratio, model if inplace else None,
                                     between=repair_between is not None)
@@ -203,6 +212,9 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
                 "global_pruning": global_pruning, "iterative_steps": iterative_steps,
                 "round_to": "auto" if rounder is not None else round_to,
                 "rounded": rounder.chosen if rounder is not None else {},
+                **({"rounding_dropped": "round_to='auto' made the target unreachable within "
+                    "the tolerance; pruned without rounding"}
+                   if rounder is not None and not rounder.enabled else {}),
                 "repair": fixes.to_dict(), "repair_ran": ran,
                 "ignored_layers": ignored_names, "importance_options": {},
                 "updated_widths": sorted({f"{w.owner}.{w.attribute}".lstrip(".")
