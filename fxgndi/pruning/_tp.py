@@ -302,15 +302,17 @@ class _LayerRoundingPruner(tp.pruner.BasePruner):
         return max(0, min(int(n_pruned), current_channels - 1))
 
 
-def group_layers(dg: Any, module: nn.Module, outputs: bool = True) -> list[tuple[nn.Module, bool]]:
-    """``(layer, its outputs are pruned)`` for the conv / linear layers of the group that pruning
-    ``module``'s output (``outputs``) or input channels makes: the layers whose kernels change
-    width with it (members lose output channels, consumers input channels).
+def group_modules(dg: Any, module: nn.Module, outputs: bool = True
+                  ) -> list[tuple[nn.Module, bool]]:
+    """``(module, its outputs are pruned)`` for the modules of the group that pruning
+    ``module``'s output (``outputs``) or input channels makes, in the group's order (for a
+    conv / linear layer: members lose output channels, consumers input channels).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
         >>> dg = tp.DependencyGraph().build_dependency(net, example_inputs=torch.zeros(1, 2))
-        >>> [(type(m).__name__, out) for m, out in group_layers(dg, net[0])]
+        >>> [(type(m).__name__, out) for m, out in group_modules(dg, net[0])
+        ...  if isinstance(m, nn.Linear)]
         [('Linear', True), ('Linear', False)]
     """
     pruner = dg.get_pruner_of_module(module)
@@ -318,9 +320,7 @@ def group_layers(dg: Any, module: nn.Module, outputs: bool = True) -> list[tuple
                                  else pruner.prune_in_channels, idxs=[0])
     found: dict[tuple[nn.Module, bool], None] = {}
     for item in group:
-        layer, handler = item.dep.target.module, item.dep.handler
-        if isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)):
-            out = prunes_outputs(dg, handler)
-            if out or prunes_inputs(dg, handler):
-                found[(layer, out)] = None
+        target, handler = item.dep.target.module, item.dep.handler
+        if isinstance(target, nn.Module):
+            found[(target, bool(prunes_outputs(dg, handler)))] = None
     return list(found)

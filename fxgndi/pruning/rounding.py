@@ -6,7 +6,9 @@ speed than it lost MACs. For each group :class:`Rounder` times its conv / linear
 root and its members at the candidate output width, its consumers at the candidate input width,
 each alone on an input of the shape it sees) at the width pruning asks for, ``k``, and at ``k``
 rounded down to every candidate multiple, and keeps the multiple whose measured seconds per kept
-channel is lowest, if it beats ``k``'s by ``margin``; otherwise the width stays ``k``. When
+channel is lowest, if it beats ``k``'s by ``margin``; otherwise the width stays ``k``. Groups
+with an ``nn.MultiheadAttention`` keep their width (its embedding width must stay a multiple of
+the head count). When
 a kernel's time is proportional to its width every width scores alike and nothing is rounded.
 
 Rounding only ever removes channels: at a given channel ratio a rounded model never has more
@@ -39,9 +41,12 @@ from fxgndi.core.files import write_json
 from fxgndi.core.layers import CONVS, LAYERS, in_width, out_width
 from fxgndi.core.runtime import eval_mode
 from fxgndi.deploy.latency import Latency
-from fxgndi.pruning._tp import RoundLayer, group_layers
+from fxgndi.pruning._tp import RoundLayer, group_modules
 
 CACHE_NAME = "kernel_seconds.json"
+# Groups holding these keep their width: attention's embedding width must stay a multiple of its
+# head count, which a rounded width need not be (the MAC curve would jump where it is not).
+NEVER_ROUNDED = (nn.MultiheadAttention,)
 
 
 @dataclass(frozen=True)
@@ -169,8 +174,11 @@ class Rounder:
         widths = {m: w for m, w in widths.items() if w != kept}
         if not widths:
             return 1
-        layers = [(names[layer], layer, out) for layer, out in group_layers(dg, module, outputs)
-                  if names.get(layer) in self.shapes]
+        members = group_modules(dg, module, outputs)
+        if any(isinstance(m, NEVER_ROUNDED) for m, _ in members):
+            return 1
+        layers = [(names[layer], layer, out) for layer, out in members
+                  if isinstance(layer, LAYERS) and names.get(layer) in self.shapes]
         if not layers or sum(_macs(layer, self.shapes[name][1])
                              for name, layer, _ in layers) < self.spec.min_macs:
             return 1
