@@ -187,11 +187,14 @@ class Rounder:
             return sum(self.seconds(layer, self.shapes[name][0], out, width)
                        for name, layer, out in layers) / width
 
-        best, best_score = 1, per_channel(kept) * (1 - self.spec.margin)
-        for multiple in sorted(widths):
-            score = per_channel(widths[multiple])
-            if score < best_score:
-                best, best_score = multiple, score
+        try:
+            best, best_score = 1, per_channel(kept) * (1 - self.spec.margin)
+            for multiple in sorted(widths):
+                score = per_channel(widths[multiple])
+                if score < best_score:
+                    best, best_score = multiple, score
+        except (RuntimeError, TypeError, ValueError):
+            return 1  # a layer its plain torch class cannot stand in for: left as it is
         return best
 
     def seconds(self, layer: nn.Module, sample_shape: tuple[int, ...], outputs: bool,
@@ -265,12 +268,11 @@ def _resized(layer: nn.Module, sample_shape: tuple[int, ...], outputs: bool, wid
     if isinstance(layer, nn.Linear):
         kernel: nn.Module = nn.Linear(ins, outs, bias=layer.bias is not None, **factory)
         shape = (*sample_shape[:-1], ins)
-    else:
-        kernel = type(layer)(ins, outs, layer.kernel_size, stride=layer.stride,
-                             padding=layer.padding, dilation=layer.dilation,
-                             groups=width if depthwise else layer.groups,
-                             bias=layer.bias is not None, padding_mode=layer.padding_mode,
-                             **factory)
+    else:  # the plain torch class (a subclass may take other arguments or compute more)
+        base = next(c for c in type(layer).__mro__ if c.__module__ == nn.Conv2d.__module__)
+        kernel = base(ins, outs, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                      dilation=layer.dilation, groups=width if depthwise else layer.groups,
+                      bias=layer.bias is not None, padding_mode=layer.padding_mode, **factory)
         shape = (ins, *sample_shape[1:])
     return kernel.eval(), torch.randn(1, *shape, **factory)
 

@@ -31,9 +31,11 @@ class StandInClock:
 
     def __init__(self, fast_multiple: int, slow: float = 2.0) -> None:
         self.fast_multiple, self.slow, self.calls = fast_multiple, slow, 0
+        self.kernels: list[tuple[nn.Module, tuple[int, ...]]] = []  # each timed, with its input
 
     def __call__(self, latency: Latency, kernel: nn.Module, example) -> float:
         self.calls += 1
+        self.kernels.append((kernel, tuple(example.shape)))
         dims = (kernel.in_channels, kernel.out_channels) if isinstance(kernel, nn.Conv2d) \
             else (kernel.in_features, kernel.out_features)
         odd = sum(d >= 8 and d % self.fast_multiple != 0 for d in dims)
@@ -140,6 +142,20 @@ def test_rounding_that_makes_a_target_unreachable_is_dropped(clock, tmp_path):
     a, b = _widths(r)
     assert abs(1 - _macs(a, b) / _macs(40, 48) - 0.5) <= 0.02
     assert r.settings["rounded"] == {} and "unreachable" in r.settings["rounding_dropped"]
+
+
+def test_depthwise_convs_are_timed_at_the_width_on_both_sides(clock, tmp_path):
+    """A depthwise conv in the group changes its groups, inputs and outputs together."""
+    stand_in = clock(16)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 40, 1), nn.Conv2d(40, 40, 3, padding=1, groups=40),
+                        nn.Conv2d(40, 8, 1), nn.Flatten(), nn.Linear(8 * 64, 4)).eval()
+    r = fxgndi.prune(net, DATA, sparsity=0.3, target="channels", importance="l1", repair=False,
+                     round_to=AutoRound(min_macs=0, cache=tmp_path / "k.json"))
+    seen = {(k.groups, k.in_channels, k.out_channels, shape[1]) for k, shape in stand_in.kernels
+            if k.groups > 1}
+    assert sorted(seen) == [(w, w, w, w) for w in (16, 24, 28)]  # 28 wanted, 24, 16
+    assert r.model[1].groups == r.model[1].out_channels == 16
 
 
 def test_bad_round_to_is_refused():
