@@ -4,6 +4,7 @@
     python benchmarks/speedup.py --models resnet18 mobilenet_v2 --batches 1 --repeat 5
     python benchmarks/speedup.py --threads 1 --image-size 64 --repeat 3 --json speedup.json
     python benchmarks/speedup.py --smoke         # seconds: resnet18, 32 px, batch 1, eager
+    python benchmarks/speedup.py --from-json a.json b.json --plot speedup.png  # runs nothing
 
 Each torchvision model (``weights=None``: latency does not depend on the weights' values) is
 pruned by ``fxgndi.prune(model, ..., sparsity=0.5, importance="l1")`` with the library's
@@ -27,10 +28,12 @@ A model that fails to prune, export or run gets a row saying so, and the others 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,6 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true",
                    help="a seconds-long run: " + " ".join(SMOKE) + " (later options win)")
     p.add_argument("--json", default=None, metavar="PATH", help="write every measurement")
+    p.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: report the results of earlier --json files together "
+                        "(e.g. models run in parallel, one per core)")
     p.add_argument("--plot", default=None, metavar="PATH", help="speed-up vs MAC ratio (PNG)")
     p.add_argument("--keep", default=None, metavar="DIR",
                    help="keep the exported files here (default: a temporary directory)")
@@ -240,11 +246,17 @@ def plot(lines: list[tuple], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        saved = [json.loads(Path(path).read_text()) for path in args.from_json]
+        for run in saved:
+            print(run["header"])
+        return report([res for run in saved for res in run["results"]], args)
     threads = args.threads or torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads, {args.image_size} px, batches "
-          f"{args.batches}, {args.repeat} timed calls after {args.warmup} warm-up, "
-          f"prune: targets {args.targets} sparsity={args.sparsity} importance=l1 round_to="
-          f"{args.round_to}, latency and rounding measured on {measurement(args)}", flush=True)
+    header = (f"torch {torch.__version__}, {threads} threads, {args.image_size} px, batches "
+              f"{args.batches}, {args.repeat} timed calls after {args.warmup} warm-up, "
+              f"prune: targets {args.targets} sparsity={args.sparsity} importance=l1 round_to="
+              f"{args.round_to}, latency and rounding measured on {measurement(args)}")
+    print(header, flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or tmp
@@ -256,6 +268,14 @@ def main(argv: list[str] | None = None) -> int:
                   + "".join(f"; {t}: {i['error'] or 'MAC ratio %.2f' % i['macs_ratio']}"
                             for t, i in res["targets"].items()), file=sys.stderr, flush=True)
             results.append(res)
+    if args.json:
+        write_json(args.json, {"settings": vars(args), "threads": threads, "header": header,
+                               "results": results})
+    return report(results, args)
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> int:
+    """Print the table, what torch.compile did, the slower-than-dense rows; draw the figure."""
     lines = speedup_rows(results)
     print(format_table(lines, HEADERS, floatfmt=".3g"))
     print("speed-up = dense median latency / pruned median latency in the same runtime; MAC "
@@ -264,11 +284,12 @@ def main(argv: list[str] | None = None) -> int:
           "(macs, or latency on the --latency-runtime at --latency-batch). Which channels are "
           "kept does not change the speed: any importance gives the same shapes at the same "
           "MAC target.")
-    if args.compile and not any(line[2] == "eager compiled" and line[6] is not None
-                                for line in lines):
+    compiled = [line for line in lines if line[2] == "eager compiled"]
+    if compiled and not any(line[6] is not None for line in compiled):
         print("torch.compile: no compiled row ran on this machine (see the status column)")
-    if args.json:
-        write_json(args.json, {"settings": vars(args), "threads": threads, "results": results})
+    slower = [f"{line[0]} {line[1]} {line[2]} b{line[3]}" for line in lines
+              if line[6] is not None and line[6] < 1]
+    print(f"pruned slower than dense: {', '.join(slower) or 'none'}")
     if args.plot:
         plot(lines, args.plot)
     return 0

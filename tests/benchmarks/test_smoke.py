@@ -130,3 +130,6 @@ def test_speedup_smoke_runs_both_targets(tmp_path, capsys, monkeypatch):
     rows = {(r["name"], r["batch"]): r for r in result["rows"]}
     assert set(rows) == {("dense eager", 1), ("macs eager", 1), ("latency eager", 1)}
     assert all(r["median_ms"] > 0 for r in rows.values())
+    assert "pruned slower than dense:" in printed
+    assert load("speedup").main(["--from-json", str(out), str(out)]) == 0  # runs nothing
+    assert capsys.readouterr().out.count("| resnet18 | latency") == 2
