@@ -8,16 +8,15 @@ each alone on an input of the shape it sees) at the width pruning asks for, ``k`
 rounded down to every candidate multiple, and keeps the multiple whose measured seconds per kept
 channel is lowest, if it beats ``k``'s by ``margin``; otherwise the width stays ``k``. Groups
 with an ``nn.MultiheadAttention`` keep their width (its embedding width must stay a multiple of
-the head count). When
-a kernel's time is proportional to its width every width scores alike and nothing is rounded.
+the head count). When a kernel's time is proportional to its width every width scores alike
+and nothing is rounded.
 
 Rounding only ever removes channels: at a given channel ratio a rounded model never has more
 MACs than the unrounded one, so the ratio search of a MAC / parameter / latency target still
-meets the target (with a lower ratio: the other layers keep more). Where the rounded widths step
-too coarsely for it (a few narrow groups) ``prune`` searches again without rounding and says so
-in ``settings["rounding_dropped"]``. The multiple of each group is
-chosen once, at the first ratio the search tries (its estimate of the answer), and then kept,
-so that the removed fraction stays monotone in the ratio the search bisects.
+meets the target (with a lower ratio: the other layers keep more). Where a rounded group steps
+its width past the target (a coarse multiple on a group that holds many MACs), ``prune`` leaves
+the groups that step where the search brackets the target unrounded and searches again; after
+a few tries it drops rounding altogether and says so in ``settings["rounding_dropped"]``.
 
 Timings are cached per machine (device name, runtime, threads, batch, dtype, torch version,
 layer shape, width) in ``$FXGNDI_CACHE/kernel_seconds.json`` (default ``~/.cache/fxgndi``),
@@ -147,6 +146,12 @@ class Rounder:
         if not self.enabled:
             return {}
         return {name: m for (name, _), m in sorted(self.decisions.items()) if m > 1}
+
+    def unround(self, roots: set[str]) -> bool:
+        """Leave the groups of these root layers unrounded; whether any was rounded."""
+        hit = [key for key, m in self.decisions.items() if key[0] in roots and m > 1]
+        self.decisions.update(dict.fromkeys(hit, 1))
+        return bool(hit)
 
     def callback(self, model: nn.Module) -> RoundLayer:
         """The per-group rounding torch-pruning calls while it prunes ``model`` (a copy of the

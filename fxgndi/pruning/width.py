@@ -49,6 +49,7 @@ IMPORTANCES = PRUNE_IMPORTANCES
 TARGETS = PRUNE_TARGETS
 _TRACKED = (*LAYERS, *BATCHNORMS)
 _MAX_RATIO = 0.95  # torch-pruning refuses to empty a layer; the search stays below
+_UNROUND_TRIES = 3  # groups left unrounded, one search each, before all rounding is dropped
 _UNTRACED = "(static widths)"  # the skipped entry of a model torch.fx could not trace
 
 
@@ -187,15 +188,21 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
         search_between = repair_between is not None and global_pruning
         search = lambda: _search_ratio(  # noqa: E731
             lambda r: run_once(r, between=search_between), measure, sparsity, tolerance, target)
-        try:
-            ratio, (pruned, kept) = search()
-        except FxgndiError:
-            if rounder is None or not rounder.chosen:
-                raise
-            # The rounded widths step too coarsely for the target (few, narrow groups): the
-            # budget comes first, so the search runs again without rounding, and says so.
-            rounder.enabled = False
-            ratio, (pruned, kept) = search()
+        for attempt in range(_UNROUND_TRIES + 1):
+            try:
+                ratio, (pruned, kept) = search()
+                break
+            except _Unreachable as exc:
+                if rounder is None or not rounder.chosen:
+                    raise
+                # A rounded group steps its width (and the MACs) past the target where the
+                # search brackets it: that group is left unrounded and the search runs again;
+                # after _UNROUND_TRIES, or with no such group, nothing is rounded (the budget
+                # comes first, and settings say so).
+                below, above = (run_once(r)[1].outputs for r in exc.bracket)
+                jumped = {n for n in below if len(below[n]) - len(above.get(n, [])) > 1}
+                if attempt == _UNROUND_TRIES - 1 or not rounder.unround(jumped):
+                    rounder.enabled = False
         if inplace or (repair_between is not None and not search_between):
             pruned, kept = run_once(ratio, model if inplace else None,
                                     between=repair_between is not None)
@@ -438,10 +445,19 @@ def _search_ratio(run: Callable[[float], tuple[nn.Module, tuple]],
             break
         ratio = (lo + hi) / 2
     assert best is not None
-    raise FxgndiError(
+    raise _Unreachable(
+        (lo, hi),
         f"target {target}={sparsity} is unreachable within {tolerance}: the closest was "
         f"{best[1]:.4f} of the {target} removed at channel ratio {best[0]:.4f}. Fix: ask for "
         "a sparsity nearer that, pass tolerance=..., drop round_to, or ignore fewer layers")
+
+
+class _Unreachable(FxgndiError):
+    """The ratio search's target lies in a step of the removed fraction between ``bracket``."""
+
+    def __init__(self, bracket: tuple[float, float], message: str) -> None:
+        super().__init__(message)
+        self.bracket = bracket
 
 
 def _reduction_measure(target: str, before: float, example: Any
