@@ -8,6 +8,7 @@ then BatchNorm recalibration), and after fine-tuning the repaired model.
     python benchmarks/pruning.py --criteria gndi-zero l1 --points 2 --finetune-epochs 0
     python benchmarks/pruning.py --global --normalizer mean    # global ranking, one normaliser
     python benchmarks/pruning.py --data cifar10:~/data --model resnet18 --checkpoint c.pt
+    python benchmarks/pruning.py --criteria gndi-zero --points 2 --round-to none  # vs auto
 
 Every criterion prunes a copy of the same model with ``fxgndi.prune(target="macs")`` (the
 channel ratio is searched until the MACs removed are within 2% of the point), under the same
@@ -20,7 +21,9 @@ returns by default); ``acc FT``: the repaired copy after ``--finetune-epochs`` o
 :func:`fxgndi.pruning.finetune.fine_tune` on the whole train split (BatchNorm recalibrated on it
 first, then trained at peak rate ``--lr``, default ``FINETUNE_LR``). ``score s`` is the time the
 importance spent scoring (G-NDI scores the dense model once, at the first point), ``repair s``
-the repair's.
+the repair's. Widths are rounded as ``--round-to`` says (default ``auto``, prune's default:
+each group to the channel multiple its kernels run fastest at on this machine, eager, batch 1;
+``none``; or a multiple); ``rounded`` counts the groups it rounded.
 """
 
 from __future__ import annotations
@@ -119,12 +122,13 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                       importance=scorer,
                       repair={"compensate": criterion.compensate, "reconstruct": False,
                               "recalibrate_bn": False},
-                      global_pruning=args.global_pruning)
+                      global_pruning=args.global_pruning, round_to=args.round_to)
             seconds = time.perf_counter() - start
             row = {"criterion": name, "reduction": factor,
                    "macs_kept": r.macs_after / r.macs_before,
                    "params_kept": r.params_after / r.params_before,
                    "channel_ratio": r.pruning_ratio, "seconds": seconds,
+                   "round_to": r.settings["round_to"], "rounded": len(r.settings["rounded"]),
                    "score_seconds": getattr(scorer, "seconds", float("nan")) - scored,
                    "acc": evaluate(r.model, test)["accuracy"]}
             recalibrated = copy.deepcopy(r.model)
@@ -212,14 +216,15 @@ def report(rows: list[dict[str, Any]], dense: dict[str, Any], s: dict[str, Any],
             f"{dense['n']}); {scope} ranking, normaliser {s['normalizer'] or 'each its own'}; "
             f"scoring / BN recalibration: {s['samples']} train samples (ablation-zero's scores: "
             f"the first {min(s['samples'], s['ablation_samples'])}); fine-tuning: "
-            f"{s['finetune_epochs']} epoch(s) at lr {s['lr']:g}")
+            f"{s['finetune_epochs']} epoch(s) at lr {s['lr']:g}; round_to "
+            f"{s.get('round_to', None)}")
     print(head)
     print(format_table([(r["criterion"], f"{r['reduction']:g}x", r["macs_kept"], r["acc"],
                          r["acc_recal"], r.get("acc_repair"), r["acc_ft"],
-                         r.get("score_seconds"), r.get("repair_seconds"), r["seconds"])
-                        for r in rows],
+                         r.get("rounded"), r.get("score_seconds"), r.get("repair_seconds"),
+                         r["seconds"]) for r in rows],
                        ["criterion", "MAC red.", "MACs kept", "acc", "acc BN-recal",
-                        "acc repair", "acc FT", "score s", "repair s", "prune s"],
+                        "acc repair", "acc FT", "rounded", "score s", "repair s", "prune s"],
                        floatfmt=".3f"))
     for key, label in (("acc_repair", "repaired (fxgndi.prune's default)"),
                        ("acc_recal", "BN-recal only")):
@@ -261,6 +266,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--train-limit", type=int, default=None, help="fine-tune on fewer")
     parser.add_argument("--test-limit", type=int, default=None, help="evaluate on fewer")
     parser.add_argument("--global", dest="global_pruning", action="store_true")
+    parser.add_argument("--round-to", type=_round_to, default="auto", metavar="auto|none|N",
+                        help="prune's round_to (default auto; none: no rounding)")
     parser.add_argument("--normalizer", default=None,
                         help="one torch-pruning normaliser for every criterion (but LAMP); "
                              "default: each criterion's own")
@@ -286,6 +293,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 json.dump({"settings": settings, "dense": dense, "rows": rows}, f, indent=2)
     report(rows, dense, settings, args.plot)
     return rows
+
+
+def _round_to(text: str) -> str | int | None:
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--round-to takes auto, none or an integer >= 1, "
+                                         f"not {text!r}")
+    return int(text)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ _EXPORTS = {
     "fxgndi.deploy.latency": ("Latency",),
     "fxgndi.pruning.importance": ("AblationImportance", "GNDIImportance"),
     "fxgndi.pruning.repair": ("Repair",),
+    "fxgndi.pruning.rounding": ("AutoRound",),
     "fxgndi.pruning.result": ("DepthPruneResult", "PruneResult"),
     "fxgndi.pruning.width": ("prune",),
     "fxgndi.pruning.depth": ("prune_depth",),
@@ -75,5 +76,6 @@ if TYPE_CHECKING:  # what static tools see: the same names, imported eagerly
     from fxgndi.pruning.depth import prune_depth  # noqa: F401
     from fxgndi.pruning.importance import AblationImportance, GNDIImportance  # noqa: F401
     from fxgndi.pruning.repair import Repair  # noqa: F401
+    from fxgndi.pruning.rounding import AutoRound  # noqa: F401
     from fxgndi.pruning.result import DepthPruneResult, PruneResult  # noqa: F401
     from fxgndi.pruning.width import prune  # noqa: F401

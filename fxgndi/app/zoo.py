@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fxgndi.app.data import load_data
-from fxgndi.core.files import atomic_path
+from fxgndi.core.files import atomic_path, cache_dir as machine_cache_dir
 from fxgndi.pruning.finetune import evaluate, seeded, train_classifier
 
 __all__ = ["digits_model", "digits_resnet18", "default_cache_dir", "DIGITS_RECIPE",
@@ -40,14 +40,13 @@ DIGITS_RECIPES: dict[str, dict[str, Any]] = {
 
 
 def default_cache_dir() -> Path:
-    """Where fxgndi caches trained models: ``$FXGNDI_CACHE``, else ``~/.cache/fxgndi``.
+    """Where fxgndi caches trained models: :func:`fxgndi.core.files.cache_dir`.
 
     Example:
-        >>> default_cache_dir().name in ("fxgndi", os.environ.get("FXGNDI_CACHE", "fxgndi"))
+        >>> default_cache_dir() == machine_cache_dir()
         True
     """
-    env = os.environ.get("FXGNDI_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fxgndi"
+    return machine_cache_dir()
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

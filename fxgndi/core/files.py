@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
+from pathlib import Path
 from typing import Any, Iterator
 
 
@@ -56,3 +57,15 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def cache_dir() -> Path:
+    """Where fxgndi caches what it computes once per machine (trained digits models, kernel
+    timings): ``$FXGNDI_CACHE``, else ``~/.cache/fxgndi``.
+
+    Example:
+        >>> cache_dir().name in ("fxgndi", os.environ.get("FXGNDI_CACHE", "fxgndi"))
+        True
+    """
+    env = os.environ.get("FXGNDI_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fxgndi"

@@ -3,10 +3,11 @@
 fxgndi builds on torch-pruning's public API (``DependencyGraph``, ``BasePruner``, the pruning
 functions and importances) and needs a few of its internals besides: the dependency graph a
 group belongs to (``group._DG``), which handlers prune inputs or outputs, the module-to-node
-map, a node's dependency list (to couple tied layers), and the score normalisation of its
-importances (``Importance._normalize``). They are reached only through the functions here,
-checked against the versions fxgndi was tested with (:data:`TESTED`): on another version a
-missing internal is a clear error naming it.
+map, a node's dependency list (to couple tied layers), the score normalisation of its
+importances (``Importance._normalize``) and ``BasePruner``'s channel rounding (``_round_to``,
+to round each layer to its own multiple: :func:`make_pruner`). They are reached only through
+the functions here, checked against the versions fxgndi was tested with (:data:`TESTED`): on
+another version a missing internal is a clear error naming it.
 
 Example:
     >>> tested_version()
@@ -16,7 +17,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -236,3 +237,90 @@ def normalize(scores: torch.Tensor, normalizer: Any) -> torch.Tensor:
         return scores
     importance = tp.importance.GroupMagnitudeImportance(normalizer=normalizer)
     return _internal(importance, "_normalize")(scores, normalizer)
+
+
+# round_layer(graph, module, outputs, n_pruned, channels) -> n_pruned: how many of the root
+# ``module``'s ``channels`` (output channels when ``outputs``) its group removes once rounded.
+RoundLayer = Callable[[Any, nn.Module, bool, int, int], int]
+
+
+def make_pruner(model: nn.Module, example_inputs: Any, *,
+                round_to: int | RoundLayer | None = None, **options: Any) -> Any:
+    """torch-pruning's ``BasePruner(model, example_inputs, round_to=..., **options)``, where
+    ``round_to`` may also be a function rounding each group on its own: ``round_to(dependency
+    graph, root module, outputs, n_pruned, channels) -> n_pruned`` (torch-pruning 1.6 knows
+    one global multiple).
+
+    ``BasePruner._prune`` asks the graph for the root's channel count
+    (``DG.get_out_channels`` / ``get_in_channels``) just before it calls
+    ``self._round_to(n_pruned, channels, round_to)``; the pruner made here records the layer
+    asked for and passes it to ``round_to``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 1))
+        >>> pruner = make_pruner(net, torch.zeros(1, 2), pruning_ratio=0.5,
+        ...                      importance=tp.importance.GroupMagnitudeImportance(),
+        ...                      ignored_layers=[net[2]], round_to=lambda g, m, o, n, c: n + 2)
+        >>> pruner.step()
+        >>> net[0].out_features  # 8 removed, rounded to 10
+        6
+    """
+    if not callable(round_to):
+        return tp.pruner.BasePruner(model, example_inputs, round_to=round_to, **options)
+    _internal(tp.pruner.BasePruner, "_round_to")
+    return _LayerRoundingPruner(model, example_inputs, round_layer=round_to, **options)
+
+
+class _LayerRoundingPruner(tp.pruner.BasePruner):
+    """A BasePruner whose ``_round_to`` knows the group's root layer (see :func:`make_pruner`)."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, *, round_layer: RoundLayer,
+                 **options: Any) -> None:
+        # Any truthy round_to makes _prune call _round_to; it is never used as a number here.
+        super().__init__(model, example_inputs, round_to=1, **options)
+        self.round_layer = round_layer
+        self._asked: tuple[nn.Module, bool] | None = None
+        for outputs, name in ((True, "get_out_channels"), (False, "get_in_channels")):
+            original = _internal(self.DG, name)
+
+            def asked(module: nn.Module, _original: Any = original, _outputs: bool = outputs
+                      ) -> Any:
+                self._asked = (module, _outputs)
+                return _original(module)
+
+            setattr(self.DG, name, asked)
+
+    def _round_to(self, n_pruned: int, current_channels: int, round_to: Any) -> int:
+        if self._asked is None:
+            raise RuntimeError(f"torch-pruning {tp.__version__} rounds channels without asking "
+                               "the graph for the layer's width first, which fxgndi's per-layer "
+                               f"round_to needs (tested with {TESTED}): install a tested "
+                               "version or pass an integer round_to")
+        module, outputs = self._asked
+        self._asked = None
+        n_pruned = self.round_layer(self.DG, module, outputs, n_pruned, current_channels)
+        return max(0, min(int(n_pruned), current_channels - 1))
+
+
+def group_modules(dg: Any, module: nn.Module, outputs: bool = True
+                  ) -> list[tuple[nn.Module, bool]]:
+    """``(module, its outputs are pruned)`` for the modules of the group that pruning
+    ``module``'s output (``outputs``) or input channels makes, in the group's order (for a
+    conv / linear layer: members lose output channels, consumers input channels).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+        >>> dg = tp.DependencyGraph().build_dependency(net, example_inputs=torch.zeros(1, 2))
+        >>> [(type(m).__name__, out) for m, out in group_modules(dg, net[0])
+        ...  if isinstance(m, nn.Linear)]
+        [('Linear', True), ('Linear', False)]
+    """
+    pruner = dg.get_pruner_of_module(module)
+    group = dg.get_pruning_group(module, pruner.prune_out_channels if outputs
+                                 else pruner.prune_in_channels, idxs=[0])
+    found: dict[tuple[nn.Module, bool], None] = {}
+    for item in group:
+        target, handler = item.dep.target.module, item.dep.handler
+        if isinstance(target, nn.Module):
+            found[(target, bool(prunes_outputs(dg, handler)))] = None
+    return list(found)

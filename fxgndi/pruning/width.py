@@ -30,13 +30,15 @@ from fxgndi.fx.analysis import analyze, facts
 from fxgndi.fx.trace import trace
 from fxgndi.fx.widths import StaticWidth, static_widths, update_widths
 from fxgndi.pruning import architectures
-from fxgndi.pruning._tp import graph_of, prunes_inputs, prunes_outputs
+from fxgndi.pruning._tp import (RoundLayer, graph_of, make_pruner, prunes_inputs,
+                                prunes_outputs)
 from fxgndi.pruning.compensate import compensate_group, consumer_input_means
 from fxgndi.deploy.latency import Latency
 from fxgndi.pruning.latency import PerLatency, layer_latencies
 from fxgndi.pruning.importance import (AblationImportance, GNDIImportance,
                                        GroupEffectImportance, check_importance_length)
 from fxgndi.pruning.repair import Repair, as_repair, repair_model
+from fxgndi.pruning.rounding import AutoRound, Rounder, auto_round
 from fxgndi.pruning.result import PruneResult
 from fxgndi.pruning.ties import Ties
 
@@ -47,6 +49,7 @@ IMPORTANCES = PRUNE_IMPORTANCES
 TARGETS = PRUNE_TARGETS
 _TRACKED = (*LAYERS, *BATCHNORMS)
 _MAX_RATIO = 0.95  # torch-pruning refuses to empty a layer; the search stays below
+_UNROUND_TRIES = 3  # groups left unrounded, one search each, before all rounding is dropped
 _UNTRACED = "(static widths)"  # the skipped entry of a model torch.fx could not trace
 
 
@@ -54,7 +57,8 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
           target: str | Latency = "channels",
           importance: str | tp.importance.Importance = "gndi",
           ignored_layers: str | Sequence[nn.Module | str] | None = "auto",
-          round_to: int | None = None, global_pruning: bool = False, iterative_steps: int = 1,
+          round_to: int | str | AutoRound | None = "auto", global_pruning: bool = False,
+          iterative_steps: int = 1,
           tolerance: float | None = None, repair: Repair | dict[str, Any] | bool = True,
           inplace: bool = False, **run: Unpack[RunKwargs]) -> PruneResult:
     """Prune ``model``'s channels with torch-pruning, ranking them by ``importance``.
@@ -80,7 +84,16 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
             with ``compensate``, ``"zero"`` otherwise.
         ignored_layers: ``"auto"`` (keep the width of the layers producing the model output:
             the classifier), None, or modules / module names of ``model`` to keep.
-        round_to, global_pruning, iterative_steps: as torch-pruning's ``BasePruner``.
+        round_to: ``"auto"`` (default: each group's kept width is rounded down to the channel
+            multiple, of 8, 16 or 32, whose kernels a short measurement on the model's device
+            and the target's runtime finds fastest per kept channel, if any is: see
+            :mod:`fxgndi.pruning.rounding`; timings cached in ``~/.cache/fxgndi``), an
+            :class:`~fxgndi.pruning.rounding.AutoRound` (its candidates, the runtime and batch
+            it measures on, ...), an integer (every kept width a multiple of it, as
+            torch-pruning's ``round_to``) or None (no rounding). Rounding only removes
+            channels; a budget is still met. ``settings["rounded"]`` names the layers rounded
+            and their multiple.
+        global_pruning, iterative_steps: as torch-pruning's ``BasePruner``.
         repair: what is done after removal so the pruned model computes what the dense one
             did: True (default: :class:`fxgndi.Repair`'s defaults, least-squares refits of the
             consumers on ``data`` then BatchNorm recalibration), False (nothing: the model as
@@ -115,10 +128,14 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
     tolerance = (0.05 if latency is not None else 0.02) if tolerance is None else tolerance
     _check_arguments(sparsity, target, importance, iterative_steps, tolerance)
     Ties(model, compensate=fixes.compensate)  # refuses, before any work, ties it cannot keep
-    check_count("round_to", round_to, allow_none=True,
-                meaning=" (channel counts are kept multiples of it)")
+    auto = auto_round(round_to)
+    if auto is None:
+        check_count("round_to", round_to, allow_none=True,
+                    meaning=" (channel counts are kept multiples of it), 'auto' or None")
     device = device_of(model)
     example = example_input(data, opts.example_inputs, device, arity=input_arity(model))
+    rounder = None if auto is None else Rounder(model, example, auto,
+                                                auto.latency or latency or Latency())
     plan = architectures.plan_for(model)
     base = _make_importance(importance, data, fixes.compensate, opts, plan)
     scorer = base
@@ -134,7 +151,8 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
                  between: bool = False) -> tuple[nn.Module, tuple]:
         work = target_model if target_model is not None else copy.deepcopy(model)
         kept = _prune_once(work, data, example, scorer, ratio, global_pruning=global_pruning,
-                           iterative_steps=iterative_steps, round_to=round_to,
+                           iterative_steps=iterative_steps,
+                           round_to=round_to if rounder is None else rounder.callback(work),
                            ignored=[work.get_submodule(n) for n in ignored_names],
                            compensate=fixes.compensate, max_batches=opts.max_batches,
                            seed=opts.seed, widths=widths,
@@ -168,11 +186,28 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
             measure = _reduction_measure(target, macs0 if target == "macs" else params0,
                                          example)
         search_between = repair_between is not None and global_pruning
-        ratio, (pruned, kept) = _search_ratio(
+        search = lambda: _search_ratio(  # noqa: E731
             lambda r: run_once(r, between=search_between), measure, sparsity, tolerance, target)
+        for attempt in range(_UNROUND_TRIES + 1):
+            try:
+                ratio, (pruned, kept) = search()
+                break
+            except _Unreachable as exc:
+                if rounder is None or not rounder.chosen:
+                    raise
+                # A rounded group steps its width (and the MACs) past the target where the
+                # search brackets it: that group is left unrounded and the search runs again;
+                # after _UNROUND_TRIES, or with no such group, nothing is rounded (the budget
+                # comes first, and settings say so).
+                below, above = (run_once(r)[1].outputs for r in exc.bracket)
+                jumped = {n for n in below if len(below[n]) - len(above.get(n, [])) > 1}
+                if attempt == _UNROUND_TRIES - 1 or not rounder.unround(jumped):
+                    rounder.enabled = False
         if inplace or (repair_between is not None and not search_between):
             pruned, kept = run_once(ratio, model if inplace else None,
                                     between=repair_between is not None)
+    if rounder is not None:
+        rounder.save()
     _check_runs(pruned, example, untraceable=_UNTRACED in skipped)
     ran = repair_model(pruned, data, fixes, dense=dense, kept_outputs=kept[0],
                        max_batches=opts.max_batches, max_memory=opts.max_memory,
@@ -182,7 +217,12 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
     settings = {"importance": importance if isinstance(importance, str)
                 else type(importance).__name__, "target": target, "sparsity": sparsity,
                 "global_pruning": global_pruning, "iterative_steps": iterative_steps,
-                "round_to": round_to, "repair": fixes.to_dict(), "repair_ran": ran,
+                "round_to": "auto" if rounder is not None else round_to,
+                "rounded": rounder.chosen if rounder is not None else {},
+                **({"rounding_dropped": "round_to='auto' made the target unreachable within "
+                    "the tolerance; pruned without rounding"}
+                   if rounder is not None and not rounder.enabled else {}),
+                "repair": fixes.to_dict(), "repair_ran": ran,
                 "ignored_layers": ignored_names, "importance_options": {},
                 "updated_widths": sorted({f"{w.owner}.{w.attribute}".lstrip(".")
                                           for w in widths if w.attribute}),
@@ -248,7 +288,7 @@ def output_layers(model: nn.Module, example_inputs: torch.Tensor | Sequence[torc
 
 def _prune_once(model: nn.Module, data: Iterable, example: Any,
                 importance: tp.importance.Importance, ratio: float, *, global_pruning: bool,
-                iterative_steps: int, round_to: int | None, ignored: list[nn.Module],
+                iterative_steps: int, round_to: int | RoundLayer | None, ignored: list[nn.Module],
                 compensate: bool, max_batches: int | None, seed: int,
                 widths: Sequence[StaticWidth] = (),
                 between_steps: Callable[[nn.Module, dict[str, list[int]]], Any] | None = None
@@ -266,7 +306,7 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
         torch.manual_seed(seed)
         try:
             with architectures.tracing(model, plan):
-                pruner = tp.pruner.BasePruner(
+                pruner = make_pruner(
                     model, example, importance=checked, global_pruning=global_pruning,
                     pruning_ratio=ratio, iterative_steps=iterative_steps,
                     ignored_layers=ignored, round_to=round_to, **plan.pruner_options())
@@ -408,10 +448,19 @@ def _search_ratio(run: Callable[[float], tuple[nn.Module, tuple]],
             break
         ratio = (lo + hi) / 2
     assert best is not None
-    raise FxgndiError(
+    raise _Unreachable(
+        (lo, hi),
         f"target {target}={sparsity} is unreachable within {tolerance}: the closest was "
         f"{best[1]:.4f} of the {target} removed at channel ratio {best[0]:.4f}. Fix: ask for "
         "a sparsity nearer that, pass tolerance=..., drop round_to, or ignore fewer layers")
+
+
+class _Unreachable(FxgndiError):
+    """The ratio search's target lies in a step of the removed fraction between ``bracket``."""
+
+    def __init__(self, bracket: tuple[float, float], message: str) -> None:
+        super().__init__(message)
+        self.bracket = bracket
 
 
 def _reduction_measure(target: str, before: float, example: Any

@@ -143,6 +143,7 @@ def test_one_epoch_of_fine_tuning_ends_at_or_above_the_recalibrated_model(capsys
     epoch on the train split, measured on the held-out test split."""
     assert main(["prune", "--model", "digits-resnet18", "--data", "digits", "--sparsity",
                  "0.5", "--target", "macs", "--importance", "l1", "--finetune-epochs", "1",
+                 "--round-to", "none",  # widths fixed: the claim is about fine-tuning
                  "--quiet", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     accuracy = printed["accuracy"]
@@ -270,3 +271,12 @@ def test_a_latency_target_is_measured_on_the_runtime_and_batch_asked_for(command
     assert _target(macs) == "macs"
     with pytest.raises(SystemExit):  # argparse: a runtime that does not exist
         build_parser().parse_args([command, "--target", "latency", "--runtime", "tvm"])
+
+
+def test_round_to_takes_auto_none_or_an_integer():
+    parse = build_parser().parse_args
+    assert parse(["prune", "--model", "resnet18"]).round_to == "auto"
+    assert parse(["prune", "--model", "resnet18", "--round-to", "none"]).round_to is None
+    assert parse(["prune", "--model", "resnet18", "--round-to", "8"]).round_to == 8
+    with pytest.raises(SystemExit):
+        parse(["prune", "--model", "resnet18", "--round-to", "eight"])

@@ -107,3 +107,29 @@ def test_scoring_speed_pruning_cost_runs(tmp_path, capsys):
     (agreement,) = result["agreement"]
     assert agreement["groups"] == 12 and -1 <= agreement["spearman_min"] <= 1
     assert agreement["removed_exact_ratio"] >= 1 - 1e-6  # the exact ranking removes the least
+
+
+def test_speedup_smoke_runs_both_targets(tmp_path, capsys, monkeypatch):
+    """Pruning measures latency with a stand-in clock proportional to the MACs (deterministic):
+    halving it must halve the MACs too, within the latency target's 5%."""
+    from fxgndi.core.cost import count_macs_params
+    from fxgndi.deploy.latency import Latency
+    monkeypatch.setattr(Latency, "seconds",
+                        lambda self, model, x: float(count_macs_params(model, x)[0]))
+    monkeypatch.setenv("FXGNDI_CACHE", str(tmp_path))
+    out = tmp_path / "speedup.json"
+    assert load("speedup").main(["--smoke", "--threads", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| resnet18 | macs" in printed and "| resnet18 | latency" in printed
+    (result,) = json.loads(out.read_text())["results"]
+    macs, latency = result["targets"]["macs"], result["targets"]["latency"]
+    assert macs["error"] is None and latency["error"] is None
+    assert 1 / 0.52 <= macs["macs_ratio"] <= 1 / 0.48
+    assert 1 / 0.55 <= latency["macs_ratio"] <= 1 / 0.45
+    assert latency["latency"]["runtime"] == "eager" and latency["latency"]["batch_size"] == 1
+    rows = {(r["name"], r["batch"]): r for r in result["rows"]}
+    assert set(rows) == {("dense eager", 1), ("macs eager", 1), ("latency eager", 1)}
+    assert all(r["median_ms"] > 0 for r in rows.values())
+    assert "pruned slower than dense:" in printed
+    assert load("speedup").main(["--from-json", str(out), str(out)]) == 0  # runs nothing
+    assert capsys.readouterr().out.count("| resnet18 | latency") == 2
