@@ -1,14 +1,34 @@
-"""Can fxgndi.prune prune every torchvision classifier? One row per model.
+"""Can fxgndi.prune prune every model of a zoo? One row per model.
 
-Each model (weights=None, random inputs at 224 px, 299 for inception_v3) is traced with
-torch.fx, pruned with ``fxgndi.prune`` (channel ratio ``--sparsity``) and run once more; the
-table gives the stage each model reached, MACs and parameters before and after, and seconds.
-Every model runs in its own subprocess under ``--timeout`` so that one hang or crash does not
-stall the sweep; a hang dumps the Python stack of every thread (faulthandler) into the error.
+Zoos (``--zoo``):
+
+- ``torchvision`` (default): every torchvision classifier, random inputs at 224 px (299 for
+  inception_v3).
+- ``torchvision-segmentation``: every torchvision segmentation builder (fcn, deeplabv3,
+  lraspp), ``weights_backbone=None``, with the auxiliary head where the builder has one
+  (``aux_loss=True``), random 64 px inputs (``--size``); the dict output's ``"out"`` entry is
+  read (``output="out"``) and the pruned model must return both entries at the dense shape.
+- ``timm`` (optional: ``pip install fxgndi[timm]``): one model per timm architecture family.
+  The families are timm's own registry, not a hand-picked list: ``timm.list_modules()``, and in
+  each module (``timm.list_models(module=m)``) the model with the fewest parameters (counted on
+  the meta device, ties by name; cached in ``~/.cache/fxgndi``). Built with
+  ``pretrained=False``; at ``--size`` px (64) when the model takes it (``img_size=`` where the
+  builder has it), else at its default config's input size.
+
+Each model (weights=None, ``--num-classes`` outputs) is traced with torch.fx, pruned with
+``fxgndi.prune`` (channel ratio ``--sparsity``, ``--importance``, no repair) and run once
+more; the table gives the stage each model reached, MACs and parameters before and after,
+and seconds. Every model runs in its own subprocess under ``--timeout`` so that one hang or
+crash does not stall the sweep; a hang dumps the Python stack of every thread (faulthandler)
+into the error.
 
     OMP_NUM_THREADS=1 python benchmarks/prunability.py --out docs/prunability_gndi.json
     python benchmarks/prunability.py --models 'swin_*' 'shufflenet*' --importance l1 \\
         --out docs/prunability_l1.json   # merges into an existing --out file
+    python benchmarks/prunability.py --zoo torchvision-segmentation \\
+        --out docs/prunability_segmentation.json
+    python benchmarks/prunability.py --zoo timm --limit 10 --timeout 600 \\
+        --out docs/prunability_timm.json
 """
 
 from __future__ import annotations
@@ -22,10 +42,13 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
-COLUMNS = ["model", "traced", "scored", "pruned", "forward", "macs_before", "macs_after",
-           "params_before", "params_after", "seconds", "error"]
+COLUMNS = ["model", "family", "size", "traced", "scored", "pruned", "forward", "macs_before",
+           "macs_after", "params_before", "params_after", "seconds", "error"]
+ZOOS = ("torchvision", "torchvision-segmentation", "timm")
+SEGMENTATION_SIZE = TIMM_SIZE = 64
 _MARK = "PRUNABILITY_RESULT "
 
 
@@ -39,28 +62,173 @@ def image_size(name: str) -> int:
     return 299 if name.startswith("inception") else 224
 
 
-def select_models(patterns: list[str]) -> list[str]:
-    """torchvision's classifiers that match ``patterns`` (names or globs), in the patterns'
-    order (each glob's matches sorted), without repeats.
+def zoo_models(zoo: str) -> list[str]:
+    """The model names of ``zoo`` (one of ``ZOOS``), sorted.
+
+    Example:
+        >>> zoo_models("torchvision-segmentation")[:2]
+        ['deeplabv3_mobilenet_v3_large', 'deeplabv3_resnet101']
+    """
+    import torchvision
+
+    from fxgndi.core.checks import check_choice
+
+    check_choice("zoo", zoo, ZOOS)
+    if zoo == "torchvision":
+        from fxgndi.app.models import classification_models
+        return sorted(classification_models())
+    if zoo == "torchvision-segmentation":
+        return sorted(torchvision.models.list_models(module=torchvision.models.segmentation))
+    return sorted(f["model"] for f in timm_families())
+
+
+def select_models(patterns: list[str], zoo: str = "torchvision") -> list[str]:
+    """The models of ``zoo`` that match ``patterns`` (names or globs), in the patterns' order
+    (each glob's matches sorted), without repeats.
 
     Example:
         >>> select_models(["resnet5*", "resnet1*", "resnet50"])
         ['resnet50', 'resnet101', 'resnet152', 'resnet18']
     """
-    from fxgndi.app.models import classification_models
-
-    known = sorted(classification_models())
+    known = zoo_models(zoo)
     chosen = list(dict.fromkeys(m for p in patterns for m in known if fnmatch.fnmatch(m, p)))
     unknown = [p for p in patterns if not any(fnmatch.fnmatch(m, p) for m in known)]
     if unknown:
-        raise SystemExit(f"no torchvision classifier matches {', '.join(unknown)}: see "
-                         "torchvision.models.list_models(module=torchvision.models)")
+        raise SystemExit(f"no model of the {zoo} zoo matches {', '.join(unknown)}: see "
+                         f"zoo_models({zoo!r})")
     return chosen
 
 
+def timm_families(cache_dir: str | None = None) -> list[dict[str, Any]]:
+    """One model per timm architecture family: for each module of ``timm.list_modules()``,
+    the model of ``timm.list_models(module=m)`` with the fewest parameters (built on the meta
+    device; ties by name). Models that do not build there are left out of the ranking; a family
+    none of whose models builds keeps its first name with ``params`` None. Cached per timm
+    version in ``cache_dir`` (default ``~/.cache/fxgndi``): ranking every model takes minutes.
+
+    Example:
+        >>> [f for f in timm_families() if f["family"] == "resnet"]  # doctest: +SKIP
+        [{'family': 'resnet', 'model': 'resnet10t', 'params': 4923868, 'candidates': 163}]
+    """
+    import warnings
+
+    import timm
+    import torch
+
+    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "fxgndi")
+    path = os.path.join(cache_dir, f"timm_families_{timm.__version__}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    families = []
+    for module in timm.list_modules():
+        names = timm.list_models(module=module)
+        sizes = []
+        for name in names:
+            try:
+                with warnings.catch_warnings(), torch.device("meta"):
+                    warnings.simplefilter("ignore")
+                    model = timm.create_model(name, pretrained=False)
+                sizes.append((sum(p.numel() for p in model.parameters()), name))
+            except Exception:  # noqa: BLE001 - a model that cannot be built is not ranked
+                continue
+        params, model_name = min(sizes) if sizes else (None, names[0])
+        families.append({"family": module, "model": model_name, "params": params,
+                         "candidates": len(names)})
+    from fxgndi.core.files import write_json
+    os.makedirs(cache_dir, exist_ok=True)
+    write_json(path, families)
+    return families
+
+
+@dataclass
+class Case:
+    """One model of a zoo, ready to prune: the model, a batch, which output prune reads, and
+    the check the pruned model's output must pass."""
+
+    model: Any
+    x: Any
+    y: Any
+    size: int
+    output: Any = None
+    check: Callable[[Any], None] | None = None
+
+
+def _shape_check(batch: int, shapes: dict[Any, tuple[int, ...]]) -> Callable[[Any], None]:
+    def check(out: Any) -> None:
+        for key, shape in shapes.items():
+            got = tuple((out if key is None else out[key]).shape)
+            if got != (batch, *shape):
+                where = "" if key is None else f"[{key!r}]"
+                raise RuntimeError(f"pruned model returned{where} shape {got}, expected "
+                                   f"{(batch, *shape)}")
+    return check
+
+
+def build_case(zoo: str, name: str, batch: int, num_classes: int,
+               size: int | None = None) -> Case:
+    """The model ``name`` of ``zoo`` (weights=None), random inputs and labels at ``size`` px,
+    the output selector and the check of the pruned model's output.
+
+    Example:
+        >>> case = build_case("torchvision-segmentation", "lraspp_mobilenet_v3_large", 1, 3)
+        >>> case.output, tuple(case.x.shape), tuple(case.y.shape)
+        ('out', (1, 3, 64, 64), (1, 64, 64))
+    """
+    import torch
+
+    from fxgndi.core.checks import check_choice
+
+    if zoo == "torchvision":
+        from fxgndi.app.models import load_model
+        size = size or image_size(name)
+        return Case(load_model(name, num_classes=num_classes), torch.randn(batch, 3, size, size),
+                    torch.randint(0, num_classes, (batch,)), size,
+                    check=_shape_check(batch, {None: (num_classes,)}))
+    if zoo == "torchvision-segmentation":
+        import torchvision
+        size = size or SEGMENTATION_SIZE
+        kwargs = {} if name.startswith("lraspp") else {"aux_loss": True}
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None,
+                                             num_classes=num_classes, **kwargs).eval()
+        keys = ("out", "aux") if kwargs else ("out",)
+        return Case(model, torch.randn(batch, 3, size, size),
+                    torch.randint(0, num_classes, (batch, size, size)), size, output="out",
+                    check=_shape_check(batch, {k: (num_classes, size, size) for k in keys}))
+    check_choice("zoo", zoo, ZOOS)
+    model, height, width = _timm_model(name, num_classes, size or TIMM_SIZE)
+    return Case(model, torch.randn(batch, 3, height, width),
+                torch.randint(0, num_classes, (batch,)), height,
+                check=_shape_check(batch, {None: (num_classes,)}))
+
+
+def _timm_model(name: str, num_classes: int, size: int) -> tuple[Any, int, int]:
+    """The timm model at ``size`` px if it runs there (with ``img_size=size`` where its builder
+    takes it, else as built), otherwise at its default config's input size."""
+    import timm
+    import torch
+
+    default = timm.models.get_pretrained_cfg_value(name, "input_size") or (3, 224, 224)
+    tries = [({"img_size": size}, size, size), ({}, size, size),
+             ({}, int(default[-2]), int(default[-1]))]
+    error: Exception | None = None
+    for kwargs, height, width in tries:
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                      **kwargs).eval()
+            with torch.no_grad():
+                model(torch.randn(1, 3, height, width))
+            return model, height, width
+        except Exception as exc:  # noqa: BLE001 - the next size is tried
+            error = exc
+    assert error is not None
+    raise error
+
+
 def run_one(name: str, importance: str, sparsity: float, batch: int, num_classes: int,
-            size: int | None = None) -> dict[str, Any]:
-    """Trace, prune and run one model; the row of the table (stages reached, counts, error).
+            size: int | None = None, zoo: str = "torchvision") -> dict[str, Any]:
+    """Build, trace, prune and run one model of ``zoo``; the row of the table (stages reached,
+    counts, error).
 
     Example:
         >>> run_one("resnet18", "l1", 0.5, 1, 10, size=32)["forward"]  # doctest: +SKIP
@@ -69,33 +237,33 @@ def run_one(name: str, importance: str, sparsity: float, batch: int, num_classes
     import torch
 
     from fxgndi.fx.intervention import trace
-    from fxgndi.app.models import load_model
     from fxgndi.pruning.width import prune
 
     row: dict[str, Any] = {"model": name, "traced": False, "scored": False, "pruned": False,
                            "forward": False}
     torch.manual_seed(0)
-    size = size or image_size(name)
-    model = load_model(name, num_classes=num_classes)
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, num_classes, (batch,))
-    stage = "trace"
+    stage = "build"
     start = time.perf_counter()
     try:
-        trace(model)
+        case = build_case(zoo, name, batch, num_classes, size)
+        row["size"] = case.size
+        stage = "trace"
+        trace(case.model)
         row["traced"] = True
         stage = "prune"
-        result = prune(model, [(x, y)], example_inputs=x[:1], sparsity=sparsity,
-                       importance=importance, repair=False)
+        result = prune(case.model, [(case.x, case.y)], example_inputs=case.x[:1],
+                       sparsity=sparsity, importance=importance, repair=False,
+                       output=case.output)
         row.update(scored=True, pruned=True, macs_before=result.macs_before,
                    macs_after=result.macs_after,
                    params_before=result.params_before, params_after=result.params_after,
-                   architectures=result.settings.get("architectures", []))
+                   architectures=result.settings.get("architectures", []),
+                   skipped=len(result.skipped))
         stage = "forward"
         with torch.no_grad():
-            out = result.model.eval()(x)
-        if tuple(out.shape) != (batch, num_classes):
-            raise RuntimeError(f"pruned model returned shape {tuple(out.shape)}")
+            out = result.model.eval()(case.x)
+        if case.check is not None:
+            case.check(out)
         row["forward"] = True
     except Exception as exc:  # the sweep records every failure with its cause
         row["error"] = f"{stage}: {type(exc).__name__}: {exc}"
@@ -115,14 +283,16 @@ def _child(args: argparse.Namespace) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     # A hang shows where it hangs: all stacks to stderr a little before the parent kills us.
     faulthandler.dump_traceback_later(max(1.0, args.timeout - 15), exit=False)
-    row = run_one(args.one, args.importance, args.sparsity, args.batch, args.num_classes)
+    row = run_one(args.one, args.importance, args.sparsity, args.batch, args.num_classes,
+                  size=args.size, zoo=args.zoo)
     print(_MARK + json.dumps(row), flush=True)
 
 
 def _run_in_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--importance",
            args.importance, "--sparsity", str(args.sparsity), "--batch", str(args.batch),
-           "--num-classes", str(args.num_classes), "--timeout", str(args.timeout)]
+           "--num-classes", str(args.num_classes), "--timeout", str(args.timeout),
+           "--zoo", args.zoo] + (["--size", str(args.size)] if args.size else [])
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -177,19 +347,24 @@ def table(rows: list[dict[str, Any]]) -> str:
         params = ((r["params_before"] / 1e6, r["params_after"] / 1e6) if r.get("pruned")
                   else ("", ""))
         kept = f"{r['macs_after'] / r['macs_before']:.3f}" if r.get("pruned") else ""
-        out.append((r["model"], mark(r["traced"]), mark(r.get("scored", r["pruned"] or None)),
-                    mark(r["pruned"]), mark(r["forward"]),
+        out.append((r["model"], r.get("family", ""), r.get("size", ""), mark(r["traced"]),
+                    mark(r.get("scored", r["pruned"] or None)), mark(r["pruned"]),
+                    mark(r["forward"]),
                     *macs, kept, *params, r["seconds"],
                     ", ".join(r.get("architectures", [])), r.get("error", "")[:90]))
-    return format_table(out, ["model", "traced", "scored", "pruned", "forward", "GMACs before",
-                              "after", "MACs kept", "Mparams before", "after", "seconds",
-                              "handling", "error"], floatfmt=".3f")
+    return format_table(out, ["model", "family", "px", "traced", "scored", "pruned", "forward",
+                              "GMACs before", "after", "MACs kept", "Mparams before", "after",
+                              "seconds", "handling", "error"], floatfmt=".3f")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", choices=ZOOS, default="torchvision",
+                        help="which models (see the module docstring)")
     parser.add_argument("--models", nargs="+", default=["*"], help="names or globs")
+    parser.add_argument("--limit", type=int, help="the first LIMIT matching models only")
+    parser.add_argument("--size", type=int, help="input px (default: the zoo's)")
     parser.add_argument("--importance", default="gndi")
     parser.add_argument("--sparsity", type=float, default=0.5, help="channel ratio")
     parser.add_argument("--batch", type=int, default=2, help="random images for scoring")
@@ -205,12 +380,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.one:
         _child(args)
         return []
-    settings = {k: getattr(args, k) for k in ("importance", "sparsity", "batch",
-                                              "num_classes", "timeout")}
+    settings = {k: getattr(args, k) for k in ("zoo", "importance", "sparsity", "batch",
+                                              "num_classes", "size", "timeout")}
     rows = _load(args.out)
-    names = [] if args.report else select_models(args.models)
+    names = [] if args.report else select_models(args.models, args.zoo)[:args.limit]
+    family = ({f["model"]: f["family"] for f in timm_families()} if args.zoo == "timm"
+              and names else {})
     for i, name in enumerate(names):
         row = _run_in_subprocess(name, args)
+        if name in family:
+            row["family"] = family[name]
         rows[name] = row
         status = "ok" if row["forward"] else row.get("error", "")[:120]
         print(f"[{i + 1}/{len(names)}] {name}: {row['seconds']:.0f} s {status}", flush=True)
@@ -220,9 +399,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.report and args.out:
         with open(args.out) as f:
             settings = json.load(f)["settings"]
-    print(f"importance={settings['importance']}, channel ratio {settings['sparsity']}, batch "
-          f"{settings['batch']}, num_classes={settings['num_classes']}, 224 px (299 for "
-          "inception_v3)")
+    print(f"zoo {settings.get('zoo', 'torchvision')}, importance={settings['importance']}, "
+          f"channel ratio {settings['sparsity']}, batch {settings['batch']}, "
+          f"num_classes={settings['num_classes']}, input px in the table")
     print(table(done))
     ok = sum(bool(r["forward"]) for r in done)
     print(f"{ok} of {len(done)} pruned and ran a forward pass")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable
+import sys
+from typing import Any, Callable, Iterable
 
 import torch.fx as fx
 import torch.nn as nn
@@ -16,15 +17,17 @@ class GndiTracer(fx.Tracer):
     """A torch.fx tracer that keeps user-chosen modules as leaves and remembers where it failed.
 
     ``leaf_modules`` holds qualified module names and/or module classes that are not traced
-    through (their insides cannot be sites, but their outputs can).
+    through (their insides cannot be sites, but their outputs can); ``autowrap_functions``
+    are functions recorded as one call instead of traced through.
 
     Example:
         >>> tracer = GndiTracer(leaf_modules=[nn.MultiheadAttention])
         >>> graph = tracer.trace(nn.Sequential(nn.Linear(2, 2)))
     """
 
-    def __init__(self, leaf_modules: Iterable[str | type] = ()) -> None:
-        super().__init__()
+    def __init__(self, leaf_modules: Iterable[str | type] = (),
+                 autowrap_functions: Iterable[Callable] = ()) -> None:
+        super().__init__(autowrap_functions=tuple(autowrap_functions))
         leaves = list(leaf_modules)
         self._leaf_names = {m for m in leaves if isinstance(m, str)}
         self._leaf_types = tuple(m for m in leaves if isinstance(m, type))
@@ -53,7 +56,9 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
     The trace is taken in eval mode, so functional calls that read ``self.training`` (stochastic
     depth, ``F.dropout``) are inert in the graph. A GraphModule (e.g. a depth-pruned model) is
     copied, not re-traced: re-tracing would rename
-    its nodes and drop the module-stack metadata that names residual-block sites. Raises
+    its nodes and drop the module-stack metadata that names residual-block sites. A model that
+    does not trace is traced once more with the modules and functions its library (timm)
+    registers as untraceable kept opaque (:func:`library_notrace`); if that fails too, raises
     UntraceableModelError naming the failing module and suggesting ``leaf_modules`` or
     ``concrete_args``.
 
@@ -64,13 +69,23 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
     """
     if isinstance(model, fx.GraphModule) and concrete_args is None:
         return fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
-    tracer = GndiTracer(leaf_modules)
+    leaves = list(leaf_modules)
+    tracer = GndiTracer(leaves)
     try:
         # In eval mode: torch.fx bakes `self.training` into functional calls (torchvision's
         # stochastic_depth, F.dropout), and a measurement must not be random.
         with eval_mode(model):
             graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # torch.fx raises many types: TraceError, TypeError, ...
+        modules, functions = library_notrace()
+        if modules or functions:  # a retry keeps what the library says fx cannot trace opaque
+            retry = GndiTracer(leaves + modules, functions)
+            try:
+                with eval_mode(model):
+                    graph = retry.trace(model, concrete_args=concrete_args)
+                return fx.GraphModule(retry.root, graph, type(model).__name__)
+            except Exception:  # noqa: BLE001 - the first failure is the one to report
+                pass
         where = (f"module '{tracer.failed_module}' "
                  f"({type(model.get_submodule(tracer.failed_module)).__name__})"
                  if tracer.failed_module else f"model {type(model).__name__}")
@@ -80,3 +95,25 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
             "can still be a site), or fix data-dependent arguments with concrete_args={...}."
         ) from exc
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def library_notrace() -> tuple[list[type], list[Callable]]:
+    """The module classes and functions that an already imported model library registers as
+    not traceable by torch.fx (timm's ``register_notrace_module`` /
+    ``register_notrace_function``, what its own fx feature extraction keeps opaque). Empty when
+    no such library is loaded; nothing is imported here.
+
+    Example:
+        >>> modules, functions = library_notrace()
+        >>> all(isinstance(m, type) for m in modules)
+        True
+    """
+    for name in ("timm.layers._fx", "timm.models._features_fx"):  # timm >= 1.0, 0.9
+        registry = sys.modules.get(name)
+        if registry is None:
+            continue
+        modules = getattr(registry, "get_notrace_modules", lambda: registry._leaf_modules)()
+        functions = getattr(registry, "get_notrace_functions",
+                            lambda: registry._autowrap_functions)()
+        return list(modules), list(functions)
+    return [], []

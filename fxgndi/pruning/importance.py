@@ -107,8 +107,8 @@ def plan_group(group: Any, names: dict[nn.Module, str], taps_of: dict[str, list[
     its features.)
 
     Raises :class:`UnscorableGroup` (the reason) when a consumer of the group cannot be tapped,
-    its units have no element map, or the group has no consumer; ValueError when the
-    dependency graph is stale.
+    its units have no element map, the group has no consumer, or torch-pruning maps a unit
+    past the input its consumer reads.
 
     Example:
         >>> plan = plan_group(group, names, taps_of, channels)  # doctest: +SKIP
@@ -132,11 +132,15 @@ def plan_group(group: Any, names: dict[nn.Module, str], taps_of: dict[str, list[
         for tap in taps:
             width = in_width(layer) if tap.flat else channels[tap.name]
             if not 0 <= max(idxs, default=0) < width:
-                raise ValueError(f"torch-pruning maps a channel of the group rooted at "
-                                 f"'{_root_name(group, names)}' to input channel "
-                                 f"{max(idxs)} of '{tap.module}', which reads "
-                                 f"{channels[tap.name]}: the dependency graph is stale; "
-                                 "rebuild it after editing the model")
+                # torch-pruning's own index map through a concat / reshape overshoots (its L1
+                # crashes on the same group), or the graph was built before an edit: no input
+                # channel carries the unit, so the group is skipped, not mis-scored.
+                raise UnscorableGroup(f"torch-pruning maps a channel of the group rooted at "
+                                      f"'{_root_name(group, names)}' to input channel "
+                                      f"{max(idxs)} of '{tap.module}', which reads "
+                                      f"{channels[tap.name]} (torch-pruning's index map "
+                                      "through a concat or reshape, or a dependency graph "
+                                      "built before the model was edited)")
             pairs = per_tap.setdefault(tap.name, {})
             if layer in elements:
                 _add_elements(pairs, tap, elements[layer], dict(zip(roots, idxs)), position,
