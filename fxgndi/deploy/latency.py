@@ -73,6 +73,21 @@ class Latency:
         return load(path, threads=self.threads)
 
 
+def latency_target(target: Any) -> tuple[Any, Latency | None]:
+    """A pruning ``target`` as (its name, the :class:`Latency` it is measured with or None):
+    ``"latency"`` is eager at batch 1, a :class:`Latency` says how; other targets pass through.
+
+    Example:
+        >>> latency_target("latency") == ("latency", Latency()), latency_target("macs")
+        (True, ('macs', None))
+    """
+    if isinstance(target, Latency):
+        return "latency", target
+    if target == "latency":
+        return "latency", Latency()
+    return target, None
+
+
 def median_seconds(call: Callable[[], Any], *, repeat: int = 5, warmup: int = 1,
                    threads: int | None = None, device: torch.device | None = None) -> float:
     """Median wall time of ``call()`` over ``repeat`` timed calls after ``warmup`` untimed ones,

@@ -33,7 +33,7 @@ from fxgndi.fx.analysis import analyze, facts, feeds
 from fxgndi.fx.intervention import intervene
 from fxgndi.fx.sites import describe_nodes
 from fxgndi.fx.trace import trace
-from fxgndi.deploy.latency import Latency
+from fxgndi.deploy.latency import Latency, latency_target
 from fxgndi.gndi.estimate import ablate, score
 from fxgndi.pruning.repair import Repair, as_repair, repair_model
 from fxgndi.pruning.result import DepthPruneResult
@@ -140,8 +140,7 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
     """
     start = time.perf_counter()
     opts = run_options("prune_depth", run, progress=False)
-    latency = target if isinstance(target, Latency) else None
-    target = "latency" if latency is not None else target
+    target, latency = latency_target(target)
     fixes = as_repair(repair)
     _check_arguments(n_blocks, target, sparsity, importance, baseline, fixes)
     example = example_input(data, opts.example_inputs, device_of(model))
@@ -323,7 +322,7 @@ class _Measure:
 
     def __init__(self, target: str | None, example: Any, macs0: float, params0: float,
                  latency: Latency | None = None) -> None:
-        self.target, self.example, self.latency = target, example, latency or Latency()
+        self.target, self.example, self.latency = target, example, latency
         self.before = {"macs": macs0, "params": params0}.get(target or "", float("nan"))
 
     def seconds(self, model: nn.Module) -> float:

@@ -33,7 +33,7 @@ from fxgndi.pruning import architectures
 from fxgndi.pruning._tp import (RoundLayer, graph_of, make_pruner, prunes_inputs,
                                 prunes_outputs)
 from fxgndi.pruning.compensate import compensate_group, consumer_input_means
-from fxgndi.deploy.latency import Latency
+from fxgndi.deploy.latency import Latency, latency_target
 from fxgndi.pruning.latency import PerLatency, layer_latencies
 from fxgndi.pruning.importance import (AblationImportance, GNDIImportance,
                                        GroupEffectImportance, check_importance_length)
@@ -122,9 +122,7 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
     start = time.perf_counter()
     opts = run_options("prune", run, progress=False)
     fixes = as_repair(repair)
-    latency = target if isinstance(target, Latency) else Latency() if target == "latency" \
-        else None
-    target = "latency" if latency is not None else target
+    target, latency = latency_target(target)
     tolerance = (0.05 if latency is not None else 0.02) if tolerance is None else tolerance
     _check_arguments(sparsity, target, importance, iterative_steps, tolerance)
     Ties(model, compensate=fixes.compensate)  # refuses, before any work, ties it cannot keep
