@@ -35,20 +35,38 @@ def layer_latencies(model: nn.Module, example_inputs: Any, latency: Latency) -> 
         >>> sorted(layer_latencies(net, torch.zeros(1, 8), Latency(repeat=2)))
         ['0', '2']
     """
-    inputs: dict[str, torch.Tensor] = {}
-    names = {m: n for n, m in model.named_modules() if isinstance(m, LAYERS)}
-    handles = [m.register_forward_pre_hook(
-        lambda mod, args: inputs.setdefault(names[mod], args[0].detach())) for m in names]
-    try:
-        with eval_mode(model), torch.no_grad():
-            call_model(model, repeat_batch(example_inputs, latency.batch_size))
-    finally:
-        for h in handles:
-            h.remove()
+    seen = layer_inputs(model, repeat_batch(example_inputs, latency.batch_size))
     modules = dict(model.named_modules())
     return {name: median_seconds(lambda name=name: modules[name](x), repeat=latency.repeat,
                                  warmup=latency.warmup, threads=latency.threads)
-            for name, x in inputs.items()}
+            for name, (x, _) in seen.items()}
+
+
+def layer_inputs(model: nn.Module, inputs: Any) -> dict[str, tuple[torch.Tensor, tuple]]:
+    """Each conv / linear layer's input on its first call in ``model(inputs)``, and the shape
+    of its output (one hooked forward, eval mode, no gradients).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> x, out = layer_inputs(net, torch.zeros(3, 8))["2"]
+        >>> tuple(x.shape), out
+        ((3, 4), (3, 2))
+    """
+    seen: dict[str, tuple[torch.Tensor, tuple]] = {}
+    names = {m: n for n, m in model.named_modules() if isinstance(m, LAYERS)}
+
+    def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+        if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+            seen.setdefault(names[mod], (args[0].detach(), tuple(out.shape)))
+
+    handles = [m.register_forward_hook(hook) for m in names]
+    try:
+        with eval_mode(model), torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
 
 
 class PerLatency(tp.importance.Importance):

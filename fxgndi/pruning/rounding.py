@@ -38,10 +38,9 @@ import torch.nn as nn
 
 from fxgndi.core.files import cache_dir, write_json
 from fxgndi.core.layers import CONVS, LAYERS, in_width, out_width
-from fxgndi.core.runtime import eval_mode
-from fxgndi.core.streams import call_model
 from fxgndi.deploy.latency import Latency, repeat_batch
 from fxgndi.pruning._tp import RoundLayer, group_modules
+from fxgndi.pruning.latency import layer_inputs
 
 CACHE_NAME = "kernel_seconds.json"
 # Groups holding these keep their width: attention's embedding width must stay a multiple of its
@@ -232,21 +231,8 @@ class Rounder:
 
 def _layer_shapes(model: nn.Module, example: Any) -> dict[str, tuple[tuple[int, ...], ...]]:
     """Per-sample input and output shapes of every conv / linear layer on ``example``."""
-    names = {m: n for n, m in model.named_modules() if isinstance(m, LAYERS)}
-    shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
-
-    def hook(mod: nn.Module, args: tuple, out: Any) -> None:
-        if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-            shapes.setdefault(names[mod], (tuple(args[0].shape[1:]), tuple(out.shape[1:])))
-
-    handles = [m.register_forward_hook(hook) for m in names]
-    try:
-        with eval_mode(model), torch.no_grad():
-            call_model(model, repeat_batch(example, 1))
-    finally:
-        for h in handles:
-            h.remove()
-    return shapes
+    return {name: (tuple(x.shape[1:]), out[1:])
+            for name, (x, out) in layer_inputs(model, repeat_batch(example, 1)).items()}
 
 
 def _macs(layer: nn.Module, out_shape: tuple[int, ...]) -> int:
