@@ -1,8 +1,10 @@
 """Inference speed of models and their exports: latency, throughput, MACs, params, memory.
 
-:func:`bench` times every entry on the same random inputs, one call at a time after a
-warm-up, and states each one's speed-up against a baseline at the same batch size, named in
-the ``vs`` column: the dense model *in the same runtime*. An exported file (``.pt2``,
+:func:`bench` times every entry on the same random inputs: each is warmed up on its own, then
+all are called in turn for ``repeat`` rounds (so that the machine's drifting speed falls on
+all alike), and each one's speed-up against a baseline at the same batch size, named in the
+``vs`` column, is the median of the per-round ratios: against the dense model *in the same
+runtime*. An exported file (``.pt2``,
 ``.onnx``, ``.ts``) whose runtime no entry before it runs in is compared with the first entry
 (the dense ``nn.Module``) exported by :func:`fxgndi.export` to the same format, batch setting
 and input shape (a row ``"<first> as .onnx"``, from a temporary folder); any other entry with
@@ -12,7 +14,7 @@ interquartile range exceeds ``noisy_iqr`` (20%) of its median, or whose baseline
 export that fixed the batch size, ``torch.compile`` without a compiler, onnxruntime on a GPU)
 gets a row that says ``unavailable: <reason>`` instead of stopping the run.
 
-Peak memory, over the warm-up and timed calls of one model at one batch size: on CUDA,
+Peak memory, over the warm-up calls of one model at one batch size (at least one): on CUDA,
 ``torch.cuda.max_memory_allocated`` minus the memory allocated before them (tensors only, not
 the caching allocator's reserve). On CPU, the rise of the process's resident set size (RSS)
 above its level before the first call: Linux's ``VmHWM``
@@ -30,7 +32,6 @@ import resource
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -40,6 +41,7 @@ import torch.nn as nn
 from fxgndi.core.cost import count_macs_params
 from fxgndi.core.names import EXPORT_FORMATS
 from fxgndi.deploy.export import OnnxModule, artifact_info, export, format_of, load
+from fxgndi.deploy.latency import interleaved_seconds
 from fxgndi.core.report import format_table, pyplot, save_figure
 from fxgndi.core.runtime import on_device, torch_threads
 
@@ -206,11 +208,10 @@ def bench(models: Mapping[str, Any], *, input_shape: Sequence[int],
             for batch in batch_sizes:
                 x = torch.randn([int(batch), *shape],
                                 generator=torch.Generator().manual_seed(seed))
-                measured = {e.name: _measure(e, x.to(dev), dev, warmup, repeat)
-                            for e in entries}
-                for row in measured.values():
-                    _compare(row, measured[row.baseline], noisy_iqr)
-                rows.extend(measured.values())
+                measured = _measure(entries, x.to(dev), dev, warmup, repeat)
+                for row, times in measured.values():
+                    _compare(row, times, *measured[row.baseline], noisy_iqr)
+                rows.extend(row for row, _ in measured.values())
     settings = {"device": str(dev), "input_shape": shape, "batch_sizes": list(batch_sizes),
                 "threads": threads if threads is not None else torch.get_num_threads(),
                 "warmup": warmup, "repeat": repeat, "memory": _memory_method(dev),
@@ -218,10 +219,13 @@ def bench(models: Mapping[str, Any], *, input_shape: Sequence[int],
     return BenchReport(rows=rows, settings=settings)
 
 
-def _compare(row: BenchRow, base: BenchRow, noisy_iqr: float) -> None:
-    """Speed-up against ``base``, and the noisy flag: this row's or its baseline's IQR above
-    ``noisy_iqr`` of the median."""
-    row.speedup = base.median_ms / row.median_ms
+def _compare(row: BenchRow, times: list[float], base: BenchRow, base_times: list[float],
+             noisy_iqr: float) -> None:
+    """Speed-up against ``base``: the median of the per-round ratios of their alternated
+    calls; and the noisy flag: this row's or its baseline's IQR above ``noisy_iqr`` of the
+    median."""
+    if times and base_times:
+        row.speedup = statistics.median(b / t for b, t in zip(base_times, times))
     if not row.status == "ok":
         return
     why = []
@@ -384,33 +388,39 @@ def _session_runner(session: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
-def _measure(entry: _Entry, x: torch.Tensor, device: torch.device, warmup: int,
-             repeat: int) -> BenchRow:
-    row = BenchRow(name=entry.name, kind=entry.kind, batch=len(x), macs=entry.macs,
-                   params=entry.params, baseline=entry.baseline or entry.name)
-    if entry.run is None:
-        row.status = f"unavailable: {entry.error}"
-        return row
-    times: list[float] = []
-    try:
-        with _peak_memory(device) as peak:  # from the first call: later ones reuse its memory
-            for _ in range(max(warmup, 1)):  # at least one: compilation, first allocations
-                entry.run(x)
-            _sync(device)
-            for _ in range(repeat):
-                start = time.perf_counter()
-                entry.run(x)
+def _measure(entries: list[_Entry], x: torch.Tensor, device: torch.device, warmup: int,
+             repeat: int) -> dict[str, tuple[BenchRow, list[float]]]:
+    """Each entry's row and timed seconds at one batch: every entry is warmed up on its own
+    (its peak memory is read there), then all are timed in alternation (``repeat`` rounds in
+    which each runs once) so that a change in the machine's speed falls on all alike."""
+    rows: dict[str, tuple[BenchRow, list[float]]] = {}
+    ready = []
+    for entry in entries:
+        row = BenchRow(name=entry.name, kind=entry.kind, batch=len(x), macs=entry.macs,
+                       params=entry.params, baseline=entry.baseline or entry.name)
+        rows[entry.name] = (row, [])
+        if entry.run is None:
+            row.status = f"unavailable: {entry.error}"
+            continue
+        try:
+            with _peak_memory(device) as peak:  # from the first call: later ones reuse it
+                for _ in range(max(warmup, 1)):  # at least one: compilation, allocations
+                    entry.run(x)
                 _sync(device)
-                times.append(time.perf_counter() - start)
-    except Exception as exc:
-        row.status = f"unavailable: {_reason(exc)}"
-        return row
-    ms = sorted(t * 1e3 for t in times)
-    quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
-    row.median_ms, row.q1_ms, row.q3_ms = statistics.median(ms), quartiles[0], quartiles[2]
-    row.throughput = len(x) / (row.median_ms / 1e3)
-    row.peak_mem_mb = peak["mb"]
-    return row
+        except Exception as exc:
+            row.status = f"unavailable: {_reason(exc)}"
+            continue
+        row.peak_mem_mb = peak["mb"]
+        ready.append(entry)
+    timed = interleaved_seconds([lambda e=e: e.run(x) for e in ready], repeat=repeat,
+                                warmup=0, device=device) if ready else []
+    for entry, times in zip(ready, timed):
+        row, _ = rows[entry.name] = (rows[entry.name][0], times)
+        ms = sorted(t * 1e3 for t in times)
+        quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+        row.median_ms, row.q1_ms, row.q3_ms = statistics.median(ms), quartiles[0], quartiles[2]
+        row.throughput = len(x) / (row.median_ms / 1e3)
+    return rows
 
 
 def _sync(device: torch.device) -> None:

@@ -3,8 +3,11 @@
 :class:`Latency` says how to time (runtime, batch size, threads, repetitions);
 :meth:`Latency.seconds` times a model on it: eagerly, as a ``torch.export`` program (``pt2``) or
 on onnxruntime (``onnx``), the last two exported (and checked) to a temporary file first.
-``fxgndi.prune(..., target=Latency(...))`` and ``fxgndi.prune_depth(..., target="latency")``
-measure with it.
+:meth:`Latency.compare` times a model against a reference in alternation and gives the median
+of the per-round ratios: on a shared machine the speed drifts by tens of percent between
+measurements taken seconds apart, and a ratio of two separate medians inherits that drift,
+while back-to-back calls see nearly the same machine. ``fxgndi.prune(..., target=Latency(...))``
+and ``fxgndi.prune_depth(..., target="latency")`` meet their targets on that ratio.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import os
 import statistics
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -57,20 +61,69 @@ class Latency:
     def seconds(self, model: nn.Module, example_inputs: Any) -> float:
         """Median seconds of one call of ``model`` (on this runtime) on a batch of
         ``batch_size`` made from ``example_inputs``."""
-        inputs = repeat_batch(example_inputs, self.batch_size)
-        with tempfile.TemporaryDirectory() as folder, eval_mode(model):
-            run = self._runner(model, inputs, folder)
-            return median_seconds(lambda: call_model(run, inputs), repeat=self.repeat,
-                                  warmup=self.warmup,
-                                  threads=self.threads, device=device_of(model))
+        return statistics.median(self.times([model], example_inputs)[0])
 
-    def _runner(self, model: nn.Module, inputs: Any, folder: str) -> Callable[..., Any]:
+    def compare(self, model: nn.Module, reference: nn.Module, example_inputs: Any
+                ) -> Comparison:
+        """``model`` against ``reference``, timed in alternation: both medians and the median
+        of the per-round ratios ``model / reference`` (what latency targets are met on).
+
+        Example:
+            >>> net = nn.Linear(64, 64)
+            >>> c = Latency(repeat=3).compare(net, net, torch.zeros(1, 64))
+            >>> 0.2 < c.ratio < 5 and c.before > 0 and c.after > 0
+            True
+        """
+        before, after = self.times([reference, model], example_inputs)
+        return Comparison(before=statistics.median(before), after=statistics.median(after),
+                          ratio=statistics.median(a / b for a, b in zip(after, before)))
+
+    def ratio(self, model: nn.Module, reference: nn.Module, example_inputs: Any) -> float:
+        """``model``'s latency over ``reference``'s (see :meth:`compare`).
+
+        Example:
+            >>> Latency(repeat=3).ratio(nn.Identity(), nn.Linear(256, 256),
+            ...                         torch.zeros(1, 256)) < 1
+            True
+        """
+        return self.compare(model, reference, example_inputs).ratio
+
+    def times(self, models: Sequence[nn.Module], example_inputs: Any) -> list[list[float]]:
+        """Seconds of each of ``repeat`` calls of every model (after ``warmup`` untimed calls
+        of each), the models called in turn, round after round, the order reversed every other
+        round so that neither always follows the other. The one clock every latency reading
+        comes from (a stand-in clock in tests replaces this method).
+
+        Example:
+            >>> [len(t) for t in Latency(repeat=2).times([nn.Identity()] * 2, torch.zeros(1))]
+            [2, 2]
+        """
+        inputs = repeat_batch(example_inputs, self.batch_size)
+        with tempfile.TemporaryDirectory() as folder, ExitStack() as stack:
+            for model in models:
+                stack.enter_context(eval_mode(model))
+            runs = [self._runner(model, inputs, os.path.join(folder, f"model{i}"))
+                    for i, model in enumerate(models)]
+            return interleaved_seconds([lambda run=run: call_model(run, inputs) for run in runs],
+                                       repeat=self.repeat, warmup=self.warmup,
+                                       threads=self.threads, device=device_of(models[0]))
+
+    def _runner(self, model: nn.Module, inputs: Any, stem: str) -> Callable[..., Any]:
         if self.runtime == "eager":
             return model
         from fxgndi.deploy.export import export, load
-        path = os.path.join(folder, f"model.{self.runtime}")
+        path = f"{stem}.{self.runtime}"
         export(model, path, example_inputs=inputs)
         return load(path, threads=self.threads)
+
+
+class Comparison(NamedTuple):
+    """A model timed against a reference (:meth:`Latency.compare`): the reference's and the
+    model's median seconds, and the median of the per-round ratios model / reference."""
+
+    before: float
+    after: float
+    ratio: float
 
 
 def latency_target(target: Any) -> tuple[Any, Latency | None]:
@@ -97,20 +150,40 @@ def median_seconds(call: Callable[[], Any], *, repeat: int = 5, warmup: int = 1,
         >>> median_seconds(lambda: time.sleep(0.01), repeat=3) >= 0.01
         True
     """
+    (times,) = interleaved_seconds([call], repeat=repeat, warmup=warmup, threads=threads,
+                                   device=device)
+    return statistics.median(times)
+
+
+def interleaved_seconds(calls: Sequence[Callable[[], Any]], *, repeat: int = 5,
+                        warmup: int = 1, threads: int | None = None,
+                        device: torch.device | None = None) -> list[list[float]]:
+    """Wall times of ``repeat`` rounds in which every call runs once (the order reversed every
+    other round), after ``warmup`` untimed rounds; under ``torch.inference_mode``, CUDA
+    synchronised around each call.
+
+    Example:
+        >>> fast, slow = interleaved_seconds([lambda: None, lambda: time.sleep(0.01)], repeat=2)
+        >>> max(fast) < 0.01 <= min(slow)
+        True
+    """
     cuda = device is not None and device.type == "cuda"
-    times = []
+    times: list[list[float]] = [[] for _ in calls]
+    order = list(range(len(calls)))
     with torch_threads(threads), torch.inference_mode():
         for _ in range(warmup):
-            call()
-        for _ in range(repeat):
-            if cuda:
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            call()
-            if cuda:
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            for call in calls:
+                call()
+        for round_ in range(repeat):
+            for i in (order if round_ % 2 == 0 else order[::-1]):
+                if cuda:
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                calls[i]()
+                if cuda:
+                    torch.cuda.synchronize(device)
+                times[i].append(time.perf_counter() - start)
+    return times
 
 
 def repeat_batch(example: Any, size: int) -> Any:

@@ -161,7 +161,6 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
     macs0, params0 = count_macs_params(gm, example)
     measure = _Measure(target, example, macs0, params0, latency)
     done = _stop_rule(n_blocks, sparsity, measure, gm, candidates)
-    latency0 = measure.before if target == "latency" else float("nan")
     generator = torch.Generator().manual_seed(opts.seed)
     scoring = dict(readout=readout, steps=steps, metric=metric, max_batches=opts.max_batches,
                    max_memory=opts.max_memory, progress=opts.progress, output=opts.output)
@@ -189,7 +188,10 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
         history.append(step)
     ran = repair_model(gm, data, fixes, max_batches=opts.max_batches, progress=opts.progress)
     macs1, params1 = count_macs_params(gm, example)
-    latency1 = measure.seconds(gm) if target == "latency" else float("nan")
+    latency0 = latency1 = float("nan")
+    if latency is not None:
+        timing = latency.compare(gm, measure.reference, example)
+        latency0, latency1 = timing.before, timing.after
     settings = {"importance": importance, "baseline": baseline, "greedy": greedy,
                 "n_blocks": n_blocks, "target": target, "sparsity": sparsity,
                 "readout": readout, "steps": steps, "metric": metric,
@@ -324,14 +326,11 @@ class _Measure:
                  latency: Latency | None = None) -> None:
         self.target, self.example, self.latency = target, example, latency
         self.before = {"macs": macs0, "params": params0}.get(target or "", float("nan"))
-
-    def seconds(self, model: nn.Module) -> float:
-        """One call on the example, on the latency's runtime (the median of its repeats)."""
-        return self.latency.seconds(model, self.example)
+        self.reference: nn.Module | None = None  # the dense model, for latency
 
     def __call__(self, model: nn.Module) -> float:
-        if self.target == "latency":
-            return 1 - self.seconds(model) / self.before
+        if self.target == "latency":  # timed against the dense model, in alternation
+            return 1 - self.latency.ratio(model, self.reference, self.example)
         macs, params = count_macs_params(model, self.example)
         return 1 - (macs if self.target == "macs" else params) / self.before
 
@@ -347,7 +346,7 @@ def _stop_rule(n_blocks: int | None, sparsity: float | None, measure: _Measure,
                               f"removable residual blocks ({', '.join(candidates)})")
         return lambda removed: len(removed) >= n_blocks
     if measure.target == "latency":
-        measure.before = measure.seconds(gm)
+        measure.reference = copy.deepcopy(gm)
     everything = copy.deepcopy(gm)
     for i, block in enumerate(candidates.values()):
         _remove_branch(everything, block, None, i)

@@ -170,16 +170,17 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
     repairs = iterative_steps > 1 and (fixes.reconstruct or bool(fixes.recalibrate_bn))
     repair_between = repair_step if repairs else None
 
-    # The least-squares repair fits the pruned layers to the dense ones: keep the dense model.
-    dense = copy.deepcopy(model) if fixes.reconstruct and inplace else model
+    # The least-squares repair fits the pruned layers to the dense ones, and the final latency
+    # is timed against them: keep the dense model.
+    dense = copy.deepcopy(model) if inplace and (fixes.reconstruct or latency is not None) \
+        else model
     if target == "channels":
         ratio = sparsity
         pruned, kept = run_once(ratio, model if inplace else None,
                                 between=repair_between is not None)
     else:
-        if latency is not None:
-            seconds0 = latency.seconds(model, example)
-            measure = lambda m: 1 - latency.seconds(m, example) / seconds0  # noqa: E731
+        if latency is not None:  # timed against the dense model, in alternation
+            measure = lambda m: 1 - latency.ratio(m, model, example)  # noqa: E731
         else:
             measure = _reduction_measure(target, macs0 if target == "macs" else params0,
                                          example)
@@ -226,8 +227,8 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
                                           for w in widths if w.attribute}),
                 "architectures": plan.families}
     if latency is not None:
-        settings["latency"] = {**asdict(latency), "before": seconds0,
-                               "after": latency.seconds(pruned, example)}
+        settings["latency"] = {**asdict(latency),
+                               **latency.compare(pruned, dense, example)._asdict()}
     if isinstance(base, GroupEffectImportance):
         settings["importance_options"].update(base.options())
         settings["scoring_seconds"] = base.seconds

@@ -114,8 +114,8 @@ def test_speedup_smoke_runs_both_targets(tmp_path, capsys, monkeypatch):
     halving it must halve the MACs too, within the latency target's 5%."""
     from fxgndi.core.cost import count_macs_params
     from fxgndi.deploy.latency import Latency
-    monkeypatch.setattr(Latency, "seconds",
-                        lambda self, model, x: float(count_macs_params(model, x)[0]))
+    monkeypatch.setattr(Latency, "times", lambda self, models, x: [
+        [float(count_macs_params(m, x)[0])] * self.repeat for m in models])
     monkeypatch.setenv("FXGNDI_CACHE", str(tmp_path))
     out = tmp_path / "speedup.json"
     assert load("speedup").main(["--smoke", "--threads", "1", "--json", str(out)]) == 0

@@ -87,6 +87,44 @@ def test_latency_throughput_and_speedup_follow_known_sleeps():
         assert fast.q1_ms <= fast.median_ms <= fast.q3_ms
 
 
+class _SlowingMachine:
+    """A fake clock: a call of cost c takes c * speed seconds, and the machine gets 3x slower
+    after every second call (a round of two models)."""
+
+    now, speed, calls = 0.0, 1.0, 0
+
+    @classmethod
+    def perf_counter(cls) -> float:
+        return cls.now
+
+
+class Costs(nn.Module):
+    """Costs ``cost`` seconds of _SlowingMachine's time per call."""
+
+    def __init__(self, cost: float) -> None:
+        super().__init__()
+        self.cost = cost
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _SlowingMachine.now += self.cost * _SlowingMachine.speed
+        _SlowingMachine.calls += 1
+        if _SlowingMachine.calls % 2 == 0:
+            _SlowingMachine.speed *= 3
+        return x
+
+
+def test_speedups_come_from_alternated_calls_on_a_machine_that_slows_down(monkeypatch):
+    """Timed one model after the other, a model twice as fast would read 81x slower here (its
+    calls ran on a machine 3^4 x slower); alternated, every round's ratio is 2."""
+    from fxgndi.deploy import latency
+    monkeypatch.setattr(latency, "time", _SlowingMachine)
+    report = bench({"dense": Costs(2.0), "pruned": Costs(1.0)}, input_shape=(8,),
+                   batch_sizes=(1,), warmup=2, repeat=4)
+    dense, pruned = report.rows
+    assert (dense.speedup, pruned.speedup) == (1.0, 2.0)
+    assert _SlowingMachine.calls == 2 * (1 + 2 + 4)  # MACs counted, warm-up alone, 4 rounds
+
+
 def test_each_runtime_is_compared_with_the_dense_model_in_that_runtime():
     # eager 80 ms -> 40 ms; the other runtime 20 ms -> 10 ms: the pruned model is 2x faster in
     # both. Against the eager dense model the second runtime's pruned row would read 8x.

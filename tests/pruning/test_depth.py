@@ -296,9 +296,9 @@ def test_depth_pruned_model_exports(resnet, data, tmp_path, suffix):
 
 def test_latency_target_uses_measured_seconds(resnet, data, monkeypatch):
     """Latency is timed; a stand-in clock (seconds = parameter count) makes it deterministic."""
-    from fxgndi.pruning import depth
-    monkeypatch.setattr(depth._Measure, "seconds",
-                        lambda self, model: float(sum(p.numel() for p in model.parameters())))
+    from fxgndi.deploy.latency import Latency
+    monkeypatch.setattr(Latency, "times", lambda self, models, x: [
+        [float(sum(p.numel() for p in m.parameters()))] * self.repeat for m in models])
     r = prune_depth(resnet, data, target="latency", sparsity=0.3, importance="random")
     assert r.latency_after / r.latency_before == pytest.approx(
         r.params_after / r.params_before)

@@ -3,6 +3,7 @@ of global pruning, the latency table, and the runtimes a latency is measured on.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import pytest
@@ -11,7 +12,7 @@ import torch.nn as nn
 
 import fxgndi
 from fxgndi.core.cost import count_macs_params
-from fxgndi.deploy.latency import Latency, median_seconds
+from fxgndi.deploy.latency import Latency, interleaved_seconds, median_seconds
 from fxgndi.pruning.latency import layer_latencies
 
 from tests.helpers import make_tiny
@@ -38,6 +39,11 @@ def _clock(model: nn.Module, example) -> float:
     return float(model.fast.out_channels + 4 * model.slow.out_channels)
 
 
+def _stand_in(self: Latency, models, example) -> list[list[float]]:
+    """Latency.times on the stand-in clock: every call of a model takes _clock seconds."""
+    return [[_clock(m, example)] * self.repeat for m in models]
+
+
 @pytest.fixture
 def data():
     g = torch.Generator().manual_seed(0)
@@ -45,11 +51,13 @@ def data():
 
 
 def test_a_latency_target_is_met_within_its_tolerance(data, monkeypatch):
-    monkeypatch.setattr(Latency, "seconds", lambda self, model, example: _clock(model, example))
+    monkeypatch.setattr(Latency, "times", _stand_in)
     r = fxgndi.prune(Wide().eval(), data, target="latency", sparsity=0.5, importance="l1",
                      repair=False)
-    before, after = r.settings["latency"]["before"], r.settings["latency"]["after"]
-    assert before == 80 and abs((1 - after / before) - 0.5) <= 0.05
+    timing = r.settings["latency"]
+    after = r.model.fast.out_channels + 4 * r.model.slow.out_channels
+    assert (timing["before"], timing["after"]) == (80, after)
+    assert timing["ratio"] == pytest.approx(after / 80) and abs((1 - after / 80) - 0.5) <= 0.05
     assert r.settings["target"] == "latency" and r.settings["latency"]["runtime"] == "eager"
 
 
@@ -63,7 +71,7 @@ def test_global_pruning_takes_more_of_the_expensive_channels(data, monkeypatch):
         model.slow.weight.copy_(model.fast.weight)
         model.slow.bias.copy_(model.fast.bias)
         model.head.weight[:, 16:] = model.head.weight[:, :16]
-    monkeypatch.setattr(Latency, "seconds", lambda self, m, example: _clock(m, example))
+    monkeypatch.setattr(Latency, "times", _stand_in)
     widths = {}
     for slow, fast in ((1.2, 1.0), (1.0, 1.2)):  # the table decides which branch goes first
         table = {"fast": fast, "slow": slow, "head": 0.0}
@@ -82,6 +90,48 @@ def test_the_latency_table_times_every_layer_on_its_input():
 
 def test_median_seconds_of_known_sleeps():
     assert 0.01 <= median_seconds(lambda: time.sleep(0.01), repeat=3) < 0.05
+
+
+class _DriftingMachine:
+    """A fake clock on which a call of cost c takes c * speed seconds, and the machine gets
+    3x slower after every round of calls (another job starting, say)."""
+
+    def __init__(self) -> None:
+        self.now, self.speed, self.calls = 0.0, 1.0, 0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def call(self, cost: float, per_round: int):
+        def run() -> None:
+            self.now += cost * self.speed
+            self.calls += 1
+            if self.calls % per_round == 0:
+                self.speed *= 3
+        return run
+
+
+def test_alternated_calls_cancel_a_machine_that_slows_down(monkeypatch):
+    """Timed apart, a model twice as slow as another looks 162x slower on a machine that slows
+    down 3x per round (the first model's rounds ran on a faster machine); timed in alternation,
+    each round sees one machine and the ratio is 2."""
+    from fxgndi.deploy import latency as latency_module
+    machine = _DriftingMachine()
+    monkeypatch.setattr(latency_module, "time", machine)
+    (apart_fast,) = interleaved_seconds([machine.call(1, 1)], repeat=4, warmup=0)
+    (apart_slow,) = interleaved_seconds([machine.call(2, 1)], repeat=4, warmup=0)
+    assert statistics.median(apart_slow) / statistics.median(apart_fast) == pytest.approx(162)
+    fast, slow = interleaved_seconds([machine.call(1, 2), machine.call(2, 2)], repeat=4,
+                                     warmup=1)
+    assert [b / a for a, b in zip(fast, slow)] == [2, 2, 2, 2]
+    assert machine.calls == 4 + 4 + 2 * (4 + 1)  # one warm-up round, untimed
+
+
+def test_compare_gives_both_medians_and_the_median_ratio(monkeypatch):
+    rounds = [[1.0, 2.0, 4.0], [3.0, 4.0, 4.0]]
+    monkeypatch.setattr(Latency, "times", lambda self, models, x: rounds)
+    c = Latency(repeat=3).compare(nn.Identity(), nn.Identity(), torch.zeros(1))
+    assert (c.before, c.after, c.ratio) == (2.0, 4.0, 2.0)  # ratios 3, 2, 1
 
 
 @pytest.mark.parametrize("runtime", ["eager", "pt2", "onnx"])
