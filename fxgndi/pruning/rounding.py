@@ -2,21 +2,25 @@
 fastest at, per kept channel, on the device and runtime the model ships on.
 
 Odd pruned widths (67, 271) fall off the fast kernel paths, so a pruned model can gain less
-speed than it lost MACs. For each group :class:`Rounder` times its conv / linear layers (the
-root and its members at the candidate output width, its consumers at the candidate input width,
-each alone on an input of the shape it sees) at the width pruning asks for, ``k``, and at ``k``
-rounded down to every candidate multiple, and keeps the multiple whose measured seconds per kept
-channel is lowest, if it beats ``k``'s by ``margin``; otherwise the width stays ``k``. Groups
-with an ``nn.MultiheadAttention`` keep their width (its embedding width must stay a multiple of
-the head count). When a kernel's time is proportional to its width every width scores alike
-and nothing is rounded.
+speed than it lost MACs. Every group whose kept width ``k`` is at least :attr:`AutoRound.base`
+(8) keeps a multiple of it, timed or not: onnxruntime's blocked (NCHWc) convolutions, oneDNN's
+blocked layouts and tensor cores all work in vectors of 8 channels, and a runtime the rounding
+did not time can fall off a cliff without it (efficientnet_b0 at half its MACs, unrounded, ran
+at 0.5x the dense model's speed on onnxruntime, and 1.8x rounded to 8; README). Then, for each
+group :class:`Rounder` times its conv / linear layers (the root and its members at the
+candidate output width, its consumers at the candidate input width, each alone on an input of
+the shape it sees) at that width and at ``k`` rounded down to every larger candidate multiple,
+and keeps the multiple whose measured seconds per kept channel is lowest, if it beats the base
+width's by ``margin``. Groups with an ``nn.MultiheadAttention`` keep their width (its embedding
+width must stay a multiple of the head count).
 
 Rounding only ever removes channels: at a given channel ratio a rounded model never has more
 MACs than the unrounded one, so the ratio search of a MAC / parameter / latency target still
 meets the target (with a lower ratio: the other layers keep more). Where a rounded group steps
-its width past the target (a coarse multiple on a group that holds many MACs), ``prune`` leaves
-the groups that step where the search brackets the target unrounded and searches again; after
-a few tries it drops rounding altogether and says so in ``settings["rounding_dropped"]``.
+its width past the target (a coarse multiple on a group that holds many MACs), ``prune`` rounds
+the groups that step where the search brackets the target more finely (to the base, then not at
+all) and searches again; after a few tries it drops rounding altogether and says so in
+``settings["rounding_dropped"]``.
 
 Timings are cached per machine (device name, runtime, threads, batch, dtype, torch version,
 layer shape, width) in ``$FXGNDI_CACHE/kernel_seconds.json`` (default ``~/.cache/fxgndi``),
@@ -54,14 +58,17 @@ class AutoRound:
     is ``"auto"``).
 
     Attributes:
-        multiples: the candidate multiples (besides 1: no rounding).
+        multiples: the candidate multiples the kernels are timed at (each a multiple of
+            ``base``).
+        base: every group of at least this many kept channels keeps a multiple of it, timed
+            or not (None: only what the timing rewards is rounded).
         latency: where kernels are timed (runtime, batch size, threads); None: the prune
             target's :class:`fxgndi.Latency` when it is a latency target, else eager, batch 1.
             Timed on the model's device.
         margin: a multiple is adopted only if its seconds per kept channel are below the
             unrounded width's by this fraction (timing noise must not round).
         min_macs: groups whose layers do fewer multiply-accumulates per sample than this are
-            not timed and not rounded (their kernels are dispatch-bound).
+            not timed, only rounded to ``base`` (their kernels are dispatch-bound).
         repeat: timed calls per kernel and width (after one warm-up call).
         cache: the timing cache file; None: ``$FXGNDI_CACHE`` or ``~/.cache/fxgndi``, file
             ``kernel_seconds.json``.
@@ -72,6 +79,7 @@ class AutoRound:
     """
 
     multiples: tuple[int, ...] = (8, 16, 32)
+    base: int | None = 8
     latency: Latency | None = None
     margin: float = 0.03
     min_macs: int = 2 ** 20
@@ -82,6 +90,10 @@ class AutoRound:
         if not self.multiples or any(isinstance(m, bool) or not isinstance(m, int) or m < 2
                                      for m in self.multiples):
             raise ValueError(f"AutoRound.multiples must be integers >= 2, not {self.multiples!r}")
+        if self.base is not None and (isinstance(self.base, bool) or not isinstance(
+                self.base, int) or self.base < 2 or any(m % self.base for m in self.multiples)):
+            raise ValueError(f"AutoRound.base must be None or an integer >= 2 that divides every "
+                             f"multiple, not {self.base!r} with multiples {self.multiples!r}")
         if not 0 <= self.margin < 1 or self.repeat < 1 or self.min_macs < 0:
             raise ValueError("AutoRound needs 0 <= margin < 1, repeat >= 1 and min_macs >= 0")
 
@@ -147,9 +159,12 @@ class Rounder:
         return {name: m for (name, _), m in sorted(self.decisions.items()) if m > 1}
 
     def unround(self, roots: set[str]) -> bool:
-        """Leave the groups of these root layers unrounded; whether any was rounded."""
-        hit = [key for key, m in self.decisions.items() if key[0] in roots and m > 1]
-        self.decisions.update(dict.fromkeys(hit, 1))
+        """Round the groups of these root layers more finely: a multiple above the base to the
+        base, the base to nothing; whether any was rounded."""
+        base = self.spec.base or 1
+        hit = {key: (base if m > base else 1) for key, m in self.decisions.items()
+               if key[0] in roots and m > 1}
+        self.decisions.update(hit)
         return bool(hit)
 
     def callback(self, model: nn.Module) -> RoundLayer:
@@ -172,27 +187,31 @@ class Rounder:
 
     def choose(self, dg: Any, module: nn.Module, outputs: bool, kept: int,
                names: dict[nn.Module, str]) -> int:
-        """The multiple (1: none) whose width, ``kept`` rounded down to it, costs the group's
-        kernels the fewest measured seconds per kept channel, by at least ``margin``."""
-        widths = {m: kept - kept % m for m in self.spec.multiples if kept >= m}
-        widths = {m: w for m, w in widths.items() if w != kept}
-        if not widths:
-            return 1
+        """The multiple (1: none): the base if ``kept`` is at least that, or a larger
+        candidate whose width, ``kept`` rounded down to it, costs the group's kernels fewer
+        measured seconds per kept channel than the base width's, by at least ``margin``."""
         members = group_modules(dg, module, outputs)
         if any(isinstance(m, NEVER_ROUNDED) for m, _ in members):
             return 1
+        # A grouped conv's width must stay a multiple of its groups: only timed widths that
+        # it takes (a stand-in raises otherwise) are rounded.
+        base = self.spec.base if self.spec.base and kept >= self.spec.base and not any(
+            _grouped(layer) for layer, _ in members) else 1
+        start = kept - kept % base
+        widths = {m: kept - kept % m for m in self.spec.multiples if kept >= m and m > base}
+        widths = {m: w for m, w in widths.items() if w != start}
         layers = [(names[layer], layer, out) for layer, out in members
                   if isinstance(layer, LAYERS) and names.get(layer) in self.shapes]
-        if not layers or sum(_macs(layer, self.shapes[name][1])
-                             for name, layer, _ in layers) < self.spec.min_macs:
-            return 1
+        if not widths or not layers or sum(_macs(layer, self.shapes[name][1])
+                                           for name, layer, _ in layers) < self.spec.min_macs:
+            return base
 
         def per_channel(width: int) -> float:
             return sum(self.seconds(layer, self.shapes[name][0], out, width)
                        for name, layer, out in layers) / width
 
         try:
-            best, best_score = 1, per_channel(kept) * (1 - self.spec.margin)
+            best, best_score = base, per_channel(start) * (1 - self.spec.margin)
             for multiple in sorted(widths):
                 score = per_channel(widths[multiple])
                 if score < best_score:
@@ -233,6 +252,11 @@ def _layer_shapes(model: nn.Module, example: Any) -> dict[str, tuple[tuple[int, 
     """Per-sample input and output shapes of every conv / linear layer on ``example``."""
     return {name: (tuple(x.shape[1:]), out[1:])
             for name, (x, out) in layer_inputs(model, repeat_batch(example, 1)).items()}
+
+
+def _grouped(layer: nn.Module) -> bool:
+    """A grouped convolution that is not depthwise."""
+    return isinstance(layer, CONVS) and 1 < layer.groups < in_width(layer)
 
 
 def _macs(layer: nn.Module, out_shape: tuple[int, ...]) -> int:

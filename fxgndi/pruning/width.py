@@ -49,7 +49,7 @@ IMPORTANCES = PRUNE_IMPORTANCES
 TARGETS = PRUNE_TARGETS
 _TRACKED = (*LAYERS, *BATCHNORMS)
 _MAX_RATIO = 0.95  # torch-pruning refuses to empty a layer; the search stays below
-_UNROUND_TRIES = 3  # groups left unrounded, one search each, before all rounding is dropped
+_UNROUND_TRIES = 4  # finer rounding of the groups that step, one search each, before none
 _UNTRACED = "(static widths)"  # the skipped entry of a model torch.fx could not trace
 
 

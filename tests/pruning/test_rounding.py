@@ -1,6 +1,7 @@
-"""round_to="auto" against a deterministic stand-in kernel clock: it picks the multiple the
-clock makes fastest per kept channel, rounds nothing the clock does not reward, caches its
-timings once per machine, and leaves explicit integers and None as they were."""
+"""round_to="auto" against a deterministic stand-in kernel clock: it keeps multiples of the
+base (8) everywhere, picks the larger multiple the clock makes fastest per kept channel, rounds
+nothing more than the base that the clock does not reward, caches its timings once per machine,
+and leaves explicit integers and None as they were."""
 
 from __future__ import annotations
 
@@ -81,9 +82,18 @@ def test_auto_prefers_the_smallest_multiple_that_is_fast(clock, tmp_path):
 @pytest.mark.parametrize("slow", [1.0, 1.02])  # no gain / a gain within the 3% noise margin
 def test_auto_rounds_nothing_the_clock_does_not_reward(clock, tmp_path, slow):
     stand_in = clock(16, slow=slow)
-    r = _prune(AutoRound(min_macs=0, cache=tmp_path / "k.json"))
+    r = _prune(AutoRound(min_macs=0, base=None, cache=tmp_path / "k.json"))
     assert _widths(r) == (28, 33) and r.settings["rounded"] == {}
     assert stand_in.calls > 0
+
+
+@pytest.mark.parametrize("slow", [1.0, 1.02])
+def test_auto_keeps_multiples_of_the_base_that_the_clock_does_not_reward(clock, tmp_path, slow):
+    """28 -> 24 and 33 -> 32 although the clock makes them no faster: the base is kept for the
+    runtimes that were not timed; 16 (a larger multiple) is not taken without a gain."""
+    clock(16, slow=slow)
+    r = _prune(AutoRound(min_macs=0, cache=tmp_path / "k.json"))
+    assert _widths(r) == (24, 32) and r.settings["rounded"] == {"0": 8, "2": 8}
 
 
 def test_timings_are_cached_once_and_reused(clock, tmp_path):
@@ -106,11 +116,13 @@ def test_the_default_cache_lives_under_fxgndi_cache(clock, tmp_path, monkeypatch
     assert (tmp_path / "kernel_seconds.json").exists()
 
 
-def test_groups_under_min_macs_are_not_timed(clock, tmp_path):
+def test_groups_under_min_macs_are_not_timed_only_rounded_to_the_base(clock, tmp_path):
     """Each group's layers do ~1.2M MACs per sample (conv 2: 40 x 48 x 9 x 64 positions)."""
     stand_in = clock(16)
     assert _widths(_prune(AutoRound(min_macs=2 * 10 ** 6, cache=tmp_path / "k.json"))) \
-        == (28, 33) and stand_in.calls == 0
+        == (24, 32) and stand_in.calls == 0
+    assert _widths(_prune(AutoRound(min_macs=2 * 10 ** 6, base=None,
+                                    cache=tmp_path / "k.json"))) == (28, 33)
 
 
 @pytest.mark.parametrize("round_to, widths", [(8, (24, 32)), (None, (28, 33))])
@@ -128,7 +140,8 @@ def _macs(c0: int, c2: int) -> int:
 def test_a_mac_target_is_met_with_auto_rounding(clock, tmp_path):
     clock(4)  # fine steps: rounding to 4 keeps the target reachable
     r = fxgndi.prune(_net(), DATA, sparsity=0.5, target="macs", importance="l1", repair=False,
-                     round_to=AutoRound(multiples=(4,), min_macs=0, cache=tmp_path / "k.json"))
+                     round_to=AutoRound(multiples=(4,), base=4, min_macs=0,
+                                        cache=tmp_path / "k.json"))
     a, b = _widths(r)
     assert abs(1 - _macs(a, b) / _macs(40, 48) - 0.5) <= 0.02
     assert r.settings["rounded"] and a % 4 == 0 and b % 4 == 0
@@ -157,7 +170,7 @@ def test_depthwise_convs_are_timed_at_the_width_on_both_sides(clock, tmp_path):
                      round_to=AutoRound(min_macs=0, cache=tmp_path / "k.json"))
     seen = {(k.groups, k.in_channels, k.out_channels, shape[1]) for k, shape in stand_in.kernels
             if k.groups > 1}
-    assert sorted(seen) == [(w, w, w, w) for w in (16, 24, 28)]  # 28 wanted, 24, 16
+    assert sorted(seen) == [(w, w, w, w) for w in (16, 24)]  # 28 wanted: the base's 24, 16
     assert r.model[1].groups == r.model[1].out_channels == 16
 
 
@@ -166,3 +179,5 @@ def test_bad_round_to_is_refused():
         _prune("fast")
     with pytest.raises(ValueError, match="multiples must be integers >= 2"):
         AutoRound(multiples=(1, 8))
+    with pytest.raises(ValueError, match="base must be None or an integer >= 2 that divides"):
+        AutoRound(multiples=(4, 8))
