@@ -84,15 +84,16 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
             with ``compensate``, ``"zero"`` otherwise.
         ignored_layers: ``"auto"`` (keep the width of the layers producing the model output:
             the classifier), None, or modules / module names of ``model`` to keep.
-        round_to: ``"auto"`` (default: each group's kept width is rounded down to the channel
-            multiple, of 8, 16 or 32, whose kernels a short measurement on the model's device
-            and the target's runtime finds fastest per kept channel, if any is: see
+        round_to: ``"auto"`` (default: each group's kept width is rounded down to a multiple
+            of 8, or of 16 or 32 where a short measurement of its kernels on the model's device
+            and the target's runtime finds that faster per kept channel: see
             :mod:`fxgndi.pruning.rounding`; timings cached in ``~/.cache/fxgndi``), an
             :class:`~fxgndi.pruning.rounding.AutoRound` (its candidates, the runtime and batch
             it measures on, ...), an integer (every kept width a multiple of it, as
             torch-pruning's ``round_to``) or None (no rounding). Rounding only removes
-            channels; a budget is still met. ``settings["rounded"]`` names the layers rounded
-            and their multiple.
+            channels; a budget is still met (where rounded groups step past it together, some
+            of them are pruned at a slightly higher ratio: ``settings["layer_ratios"]``).
+            ``settings["rounded"]`` names the layers rounded and their multiple.
         global_pruning, iterative_steps: as torch-pruning's ``BasePruner``.
         repair: what is done after removal so the pruned model computes what the dense one
             did: True (default: :class:`fxgndi.Repair`'s defaults, least-squares refits of the
@@ -145,10 +146,15 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
     widths, skipped = _static_widths(model, example, opts)
     ignored_names += [name for name in skipped if name != _UNTRACED and name not in ignored_names]
 
+    layer_ratios: dict[str, float] = {}  # groups (by root layer) pruned at their own ratio
+
     def run_once(ratio: float, target_model: nn.Module | None = None, *,
-                 between: bool = False) -> tuple[nn.Module, tuple]:
+                 between: bool = False, own: dict[str, float] | None = None
+                 ) -> tuple[nn.Module, tuple]:
         work = target_model if target_model is not None else copy.deepcopy(model)
+        own = layer_ratios if own is None else own
         kept = _prune_once(work, data, example, scorer, ratio, global_pruning=global_pruning,
+                           layer_ratios={work.get_submodule(n): r for n, r in own.items()},
                            iterative_steps=iterative_steps,
                            round_to=round_to if rounder is None else rounder.callback(work),
                            ignored=[work.get_submodule(n) for n in ignored_names],
@@ -194,13 +200,20 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
             except _Unreachable as exc:
                 if rounder is None or not rounder.chosen:
                     raise
-                # A rounded group steps its width (and the MACs) past the target where the
-                # search brackets it: that group is left unrounded and the search runs again;
-                # after _UNROUND_TRIES, or with no such group, nothing is rounded (the budget
-                # comes first, and settings say so).
+                # Rounded groups step their widths (and the MACs) past the target together
+                # where the search brackets it (groups of one width cross a multiple at the
+                # same ratio). First some of them take the bracket's upper ratio and the rest
+                # its lower one; failing that, they are rounded more finely and the search runs
+                # again; after _UNROUND_TRIES, nothing is rounded (the budget comes first, and
+                # settings say so).
                 below, above = (run_once(r)[1].outputs for r in exc.bracket)
-                jumped = {n for n in below if len(below[n]) - len(above.get(n, [])) > 1}
-                if attempt == _UNROUND_TRIES - 1 or not rounder.unround(jumped):
+                jumped = [n for n in below if len(below[n]) - len(above.get(n, [])) > 1]
+                split = None if global_pruning else _split_bracket(
+                    run_once, measure, exc.bracket, jumped, sparsity, tolerance)
+                if split is not None:
+                    ratio, layer_ratios, (pruned, kept) = split
+                    break
+                if attempt == _UNROUND_TRIES - 1 or not rounder.unround(set(jumped)):
                     rounder.enabled = False
         if inplace or (repair_between is not None and not search_between):
             pruned, kept = run_once(ratio, model if inplace else None,
@@ -218,6 +231,7 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
                 "global_pruning": global_pruning, "iterative_steps": iterative_steps,
                 "round_to": "auto" if rounder is not None else round_to,
                 "rounded": rounder.chosen if rounder is not None else {},
+                "layer_ratios": dict(layer_ratios),
                 **({"rounding_dropped": "round_to='auto' made the target unreachable within "
                     "the tolerance; pruned without rounding"}
                    if rounder is not None and not rounder.enabled else {}),
@@ -238,6 +252,27 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
                        skipped={**skipped, **kept.skipped},
                        channels={n: (channels0[n], channels1.get(n, 0)) for n in channels0},
                        kept=kept[0], kept_inputs=kept[1], pruning_ratio=ratio)
+
+
+def _split_bracket(run: Callable[..., tuple[nn.Module, tuple]],
+                   measure: Callable[[nn.Module], float], bracket: tuple[float, float],
+                   layers: list[str], sparsity: float, tolerance: float
+                   ) -> tuple[float, dict[str, float], tuple[nn.Module, tuple]] | None:
+    """The groups of ``layers`` (those whose width steps between the bracket's ratios), the
+    first ``k`` of them at the upper ratio and the rest at the lower one, for the ``k``
+    (bisected: the removed fraction grows with it) that meets the target within
+    ``tolerance``; None where one group's step alone jumps past it."""
+    lo, hi = bracket
+    few, many = 0, len(layers)
+    while many - few > 1:
+        k = (few + many) // 2
+        own = dict.fromkeys(layers[:k], hi)
+        outcome = run(lo, own=own)
+        removed = measure(outcome[0])
+        if abs(removed - sparsity) <= tolerance:
+            return lo, own, outcome
+        few, many = (k, many) if removed < sparsity else (few, k)
+    return None
 
 
 def make_importance(name: str, data: Iterable | None = None, **options: Any
@@ -287,6 +322,7 @@ def output_layers(model: nn.Module, example_inputs: torch.Tensor | Sequence[torc
 
 def _prune_once(model: nn.Module, data: Iterable, example: Any,
                 importance: tp.importance.Importance, ratio: float, *, global_pruning: bool,
+                layer_ratios: dict[nn.Module, float] | None = None,
                 iterative_steps: int, round_to: int | RoundLayer | None, ignored: list[nn.Module],
                 compensate: bool, max_batches: int | None, seed: int,
                 widths: Sequence[StaticWidth] = (),
@@ -307,7 +343,8 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
             with architectures.tracing(model, plan):
                 pruner = make_pruner(
                     model, example, importance=checked, global_pruning=global_pruning,
-                    pruning_ratio=ratio, iterative_steps=iterative_steps,
+                    pruning_ratio=ratio, pruning_ratio_dict=layer_ratios or None,
+                    iterative_steps=iterative_steps,
                     ignored_layers=ignored, round_to=round_to, **plan.pruner_options())
             pruner.ignored_layers.extend(
                 architectures.unprunable_layers(pruner.DG, pruner.root_module_types))

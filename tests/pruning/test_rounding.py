@@ -181,3 +181,24 @@ def test_bad_round_to_is_refused():
         AutoRound(multiples=(1, 8))
     with pytest.raises(ValueError, match="base must be None or an integer >= 2 that divides"):
         AutoRound(multiples=(4, 8))
+
+
+def test_groups_that_step_together_are_split_across_the_bracket(clock, tmp_path):
+    """Six groups of 64 channels, all rounded to multiples of 8, step together at every ratio
+    (48 -> 40 near the target): a uniform ratio removes 0.44 or 0.61 of the MACs, never 0.5
+    within 0.02. The first groups take the bracket's upper ratio and the rest its lower one
+    (three at 40: 0.52 removed, by hand); every width stays a multiple of 8."""
+    clock(16, slow=1.0)  # the timing rewards nothing: only the base rounds
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 64, 1)] + [nn.Conv2d(64, 64, 1) for _ in range(5)]
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4)).eval()
+    r = fxgndi.prune(net, DATA, sparsity=0.5, target="macs", importance="l1", repair=False,
+                     round_to=AutoRound(min_macs=0, cache=tmp_path / "k.json"))
+    widths = [r.model[i].out_channels for i in range(6)]
+    positions = 64
+    macs = lambda w: positions * (3 * w[0] + sum(a * b for a, b in zip(w, w[1:])) + sum(w)) \
+        + w[-1] * 4 + 4  # noqa: E731  (weights and biases)
+    assert abs(1 - macs(widths) / macs([64] * 6) - 0.5) <= 0.02
+    assert all(w % 8 == 0 for w in widths) and set(widths) == {40, 48}, widths
+    assert r.settings["layer_ratios"] and "rounding_dropped" not in r.settings
+    assert r.model(DATA[0][0]).shape == (4, 4)
