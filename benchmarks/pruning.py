@@ -9,6 +9,7 @@ then BatchNorm recalibration), and after fine-tuning the repaired model.
     python benchmarks/pruning.py --global --normalizer mean    # global ranking, one normaliser
     python benchmarks/pruning.py --data cifar10:~/data --model resnet18 --checkpoint c.pt
     python benchmarks/pruning.py --criteria gndi-zero --points 2 --round-to none  # vs auto
+    python benchmarks/pruning.py --criteria gndi-zero l1 --points 2 --target latency --global
 
 Every criterion prunes a copy of the same model with ``fxgndi.prune(target="macs")`` (the
 channel ratio is searched until the MACs removed are within 2% of the point), under the same
@@ -22,8 +23,13 @@ returns by default); ``acc FT``: the repaired copy after ``--finetune-epochs`` o
 first, then trained at peak rate ``--lr``, default ``FINETUNE_LR``). ``score s`` is the time the
 importance spent scoring (G-NDI scores the dense model once, at the first point), ``repair s``
 the repair's. Widths are rounded as ``--round-to`` says (default ``auto``, prune's default:
-each group to the channel multiple its kernels run fastest at on this machine, eager, batch 1;
-``none``; or a multiple); ``rounded`` counts the groups it rounded.
+multiples of 8, or of 16 / 32 where this machine's kernels run faster per channel, eager,
+batch 1; ``none``; or a multiple); ``rounded`` counts the groups it rounded. With ``--target
+latency`` the points are latency reductions instead (measured eagerly, one thread, at batch
+``--latency-batch``, against the dense model in alternation), ``speed-up`` the measured one:
+with ``--global`` each group's scores are divided by the seconds one of its channels costs
+(fxgndi.pruning.latency.PerLatency); the local rows are the MAC-ranked model of that latency
+(a per-group ratio does not depend on the scores).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import torch
 from torch import nn
 
 from fxgndi.app.data import load_data, num_classes
+from fxgndi.deploy.latency import Latency
 from fxgndi.pruning.importance import AblationImportance, GNDIImportance
 from fxgndi.app.models import load_model
 from fxgndi.pruning.width import make_importance, prune
@@ -118,7 +125,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         for factor in args.points:
             start = time.perf_counter()
             scored = getattr(scorer, "seconds", float("nan"))
-            r = prune(model, score_data, sparsity=1 - 1 / factor, target="macs",
+            target = "macs" if args.target == "macs" else Latency(
+                batch_size=args.latency_batch, threads=1)
+            r = prune(model, score_data, sparsity=1 - 1 / factor, target=target,
                       importance=scorer,
                       repair={"compensate": criterion.compensate, "reconstruct": False,
                               "recalibrate_bn": False},
@@ -129,6 +138,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                    "params_kept": r.params_after / r.params_before,
                    "channel_ratio": r.pruning_ratio, "seconds": seconds,
                    "round_to": r.settings["round_to"], "rounded": len(r.settings["rounded"]),
+                   "speedup": 1 / r.settings["latency"]["ratio"] if "latency" in r.settings
+                   else float("nan"),
                    "score_seconds": getattr(scorer, "seconds", float("nan")) - scored,
                    "acc": evaluate(r.model, test)["accuracy"]}
             recalibrated = copy.deepcopy(r.model)
@@ -219,11 +230,14 @@ def report(rows: list[dict[str, Any]], dense: dict[str, Any], s: dict[str, Any],
             f"{s['finetune_epochs']} epoch(s) at lr {s['lr']:g}; round_to "
             f"{s.get('round_to', None)}")
     print(head)
-    print(format_table([(r["criterion"], f"{r['reduction']:g}x", r["macs_kept"], r["acc"],
+    target = s.get("target", "macs")
+    print(format_table([(r["criterion"], f"{r['reduction']:g}x", r["macs_kept"],
+                         r.get("speedup", float("nan")), r["acc"],
                          r["acc_recal"], r.get("acc_repair"), r["acc_ft"],
                          r.get("rounded"), r.get("score_seconds"), r.get("repair_seconds"),
                          r["seconds"]) for r in rows],
-                       ["criterion", "MAC red.", "MACs kept", "acc", "acc BN-recal",
+                       ["criterion", f"{'MAC' if target == 'macs' else 'latency'} red.",
+                        "MACs kept", "speed-up", "acc", "acc BN-recal",
                         "acc repair", "acc FT", "rounded", "score s", "repair s", "prune s"],
                        floatfmt=".3f"))
     for key, label in (("acc_repair", "repaired (fxgndi.prune's default)"),
@@ -266,6 +280,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--train-limit", type=int, default=None, help="fine-tune on fewer")
     parser.add_argument("--test-limit", type=int, default=None, help="evaluate on fewer")
     parser.add_argument("--global", dest="global_pruning", action="store_true")
+    parser.add_argument("--target", default="macs", choices=["macs", "latency"],
+                        help="what the points reduce: MACs (default) or eager latency")
+    parser.add_argument("--latency-batch", type=int, default=32,
+                        help="the batch --target latency times on (one thread)")
     parser.add_argument("--round-to", type=_round_to, default="auto", metavar="auto|none|N",
                         help="prune's round_to (default auto; none: no rounding)")
     parser.add_argument("--normalizer", default=None,

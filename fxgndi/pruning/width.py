@@ -84,15 +84,15 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
             with ``compensate``, ``"zero"`` otherwise.
         ignored_layers: ``"auto"`` (keep the width of the layers producing the model output:
             the classifier), None, or modules / module names of ``model`` to keep.
-        round_to: ``"auto"`` (default: each group's kept width is rounded down to a multiple
+        round_to: ``"auto"`` (default: each group's kept width is rounded to the nearest multiple
             of 8, or of 16 or 32 where a short measurement of its kernels on the model's device
             and the target's runtime finds that faster per kept channel: see
             :mod:`fxgndi.pruning.rounding`; timings cached in ``~/.cache/fxgndi``), an
             :class:`~fxgndi.pruning.rounding.AutoRound` (its candidates, the runtime and batch
             it measures on, ...), an integer (every kept width a multiple of it, as
-            torch-pruning's ``round_to``) or None (no rounding). Rounding only removes
-            channels; a budget is still met (where rounded groups step past it together, some
-            of them are pruned at a slightly higher ratio: ``settings["layer_ratios"]``).
+            torch-pruning's ``round_to``) or None (no rounding). A budget is still met
+            (where rounded groups step past it together, some of them are pruned at a
+            slightly higher ratio: ``settings["layer_ratios"]``).
             ``settings["rounded"]`` names the layers rounded and their multiple.
         global_pruning, iterative_steps: as torch-pruning's ``BasePruner``.
         repair: what is done after removal so the pruned model computes what the dense one

@@ -32,8 +32,9 @@ def _data(size: int, n: int = 2, classes: int = 10) -> list[tuple[torch.Tensor, 
 
 def _prune(model: nn.Module, size: int, importance: str = "gndi"):
     data = _data(size)
+    # round_to=None: the widths asserted below are the channel ratio's, unrounded
     return prune(model.eval(), data, example_inputs=data[0][0][:1], importance=importance,
-                 repair=False), data
+                 repair=False, round_to=None), data
 
 
 def _zeroed_reference(model: nn.Module, kept_inputs: dict[str, list[int]], x: torch.Tensor

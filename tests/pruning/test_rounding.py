@@ -53,9 +53,10 @@ def clock(monkeypatch):
 
 
 def _prune(round_to, **kwargs):
-    # Channel ratio 0.3: torch-pruning keeps 40 - (40 - int(40 * 0.7)) = 28 of conv 0's
-    # channels and 48 - (48 - int(48 * 0.7)) = 33 of conv 2's (the linear head is kept).
-    return fxgndi.prune(_net(), DATA, sparsity=0.3, target="channels", importance="l1",
+    # Channel ratio 0.35: torch-pruning keeps int(40 * 0.65) = 26 of conv 0's channels and
+    # int(48 * 0.65) = 31 of conv 2's (the linear head is kept). Nearest multiples: 26 -> 24
+    # (of 8) or 32 (of 16 or 32); 31 -> 32 (of 8, 16 and 32).
+    return fxgndi.prune(_net(), DATA, sparsity=0.35, target="channels", importance="l1",
                         repair=False, round_to=round_to, **kwargs)
 
 
@@ -66,16 +67,16 @@ def _widths(result) -> tuple[int, int]:
 def test_auto_picks_the_multiple_the_clock_makes_fastest(clock, tmp_path):
     clock(16)
     r = _prune(AutoRound(min_macs=0, cache=tmp_path / "k.json"))
-    # conv 0's group (conv 0 out, conv 2 in): per kept channel 28 and 24 are slow (2x), 16 fast.
-    # conv 2's group (conv 2 out, the head's in): 33 is slow, 32 fast; 8 is the first multiple
-    # that gives 32 (16 and 32 give it too, no faster).
-    assert _widths(r) == (16, 32)
+    # conv 0's group (conv 0 out, conv 2 in): per kept channel 24 (the base's) is slow (2x),
+    # 32 fast; 16 is the first multiple that gives 32. conv 2's group: every multiple gives 32,
+    # the base's (8): nothing to time.
+    assert _widths(r) == (32, 32)
     assert r.settings["round_to"] == "auto" and r.settings["rounded"] == {"0": 16, "2": 8}
     assert r.model(DATA[0][0]).shape == (4, 4)
 
 
 def test_auto_prefers_the_smallest_multiple_that_is_fast(clock, tmp_path):
-    clock(8)  # 24 is as fast per channel as 16: round 28 to 24, not further
+    clock(8)  # 24 (the base's) is as fast per channel as 32: 26 goes to 24
     assert _widths(_prune(AutoRound(min_macs=0, cache=tmp_path / "k.json"))) == (24, 32)
 
 
@@ -83,14 +84,14 @@ def test_auto_prefers_the_smallest_multiple_that_is_fast(clock, tmp_path):
 def test_auto_rounds_nothing_the_clock_does_not_reward(clock, tmp_path, slow):
     stand_in = clock(16, slow=slow)
     r = _prune(AutoRound(min_macs=0, base=None, cache=tmp_path / "k.json"))
-    assert _widths(r) == (28, 33) and r.settings["rounded"] == {}
+    assert _widths(r) == (26, 31) and r.settings["rounded"] == {}
     assert stand_in.calls > 0
 
 
 @pytest.mark.parametrize("slow", [1.0, 1.02])
 def test_auto_keeps_multiples_of_the_base_that_the_clock_does_not_reward(clock, tmp_path, slow):
-    """28 -> 24 and 33 -> 32 although the clock makes them no faster: the base is kept for the
-    runtimes that were not timed; 16 (a larger multiple) is not taken without a gain."""
+    """26 -> 24 and 31 -> 32 although the clock makes them no faster: the base is kept for the
+    runtimes that were not timed; 16 (32 channels) is not taken without a gain."""
     clock(16, slow=slow)
     r = _prune(AutoRound(min_macs=0, cache=tmp_path / "k.json"))
     assert _widths(r) == (24, 32) and r.settings["rounded"] == {"0": 8, "2": 8}
@@ -122,10 +123,10 @@ def test_groups_under_min_macs_are_not_timed_only_rounded_to_the_base(clock, tmp
     assert _widths(_prune(AutoRound(min_macs=2 * 10 ** 6, cache=tmp_path / "k.json"))) \
         == (24, 32) and stand_in.calls == 0
     assert _widths(_prune(AutoRound(min_macs=2 * 10 ** 6, base=None,
-                                    cache=tmp_path / "k.json"))) == (28, 33)
+                                    cache=tmp_path / "k.json"))) == (26, 31)
 
 
-@pytest.mark.parametrize("round_to, widths", [(8, (24, 32)), (None, (28, 33))])
+@pytest.mark.parametrize("round_to, widths", [(8, (24, 24)), (None, (26, 31))])  # tp rounds down
 def test_an_explicit_multiple_or_none_is_as_before(clock, round_to, widths):
     stand_in = clock(16)
     r = _prune(round_to)
@@ -166,12 +167,12 @@ def test_depthwise_convs_are_timed_at_the_width_on_both_sides(clock, tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 40, 1), nn.Conv2d(40, 40, 3, padding=1, groups=40),
                         nn.Conv2d(40, 8, 1), nn.Flatten(), nn.Linear(8 * 64, 4)).eval()
-    r = fxgndi.prune(net, DATA, sparsity=0.3, target="channels", importance="l1", repair=False,
-                     round_to=AutoRound(min_macs=0, cache=tmp_path / "k.json"))
+    r = fxgndi.prune(net, DATA, sparsity=0.35, target="channels", importance="l1",
+                     repair=False, round_to=AutoRound(min_macs=0, cache=tmp_path / "k.json"))
     seen = {(k.groups, k.in_channels, k.out_channels, shape[1]) for k, shape in stand_in.kernels
             if k.groups > 1}
-    assert sorted(seen) == [(w, w, w, w) for w in (16, 24)]  # 28 wanted: the base's 24, 16
-    assert r.model[1].groups == r.model[1].out_channels == 16
+    assert sorted(seen) == [(w, w, w, w) for w in (24, 32)]  # 26 wanted: the base's 24, 32
+    assert r.model[1].groups == r.model[1].out_channels == 32
 
 
 def test_bad_round_to_is_refused():
