@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Sequence
 
@@ -221,6 +222,16 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
     if rounder is not None:
         rounder.save()
     _check_runs(pruned, example, untraceable=_UNTRACED in skipped)
+    if sparsity > 0 and all(len(kept[0].get(n, ())) == c for n, c in channels0.items()):
+        why = {**skipped, **kept.skipped}
+        warnings.warn(
+            f"prune removed no channel from {type(model).__name__}: torch-pruning found no "
+            "group it could prune outside ignored_layers"
+            + (f" ({len(why)} skipped, see result.skipped: e.g. {next(iter(why))!r})"
+               if why else "")
+            + ". Fix: check ignored_layers and result.skipped; layers torch-pruning does not "
+            "know need a custom pruner (torch-pruning's customized_pruners)",
+            RuntimeWarning, stacklevel=2)
     ran = repair_model(pruned, data, fixes, dense=dense, kept_outputs=kept[0],
                        max_batches=opts.max_batches, max_memory=opts.max_memory,
                        progress=opts.progress)

@@ -14,7 +14,7 @@ import torchvision
 from fxgndi.core.errors import FxgndiError
 from fxgndi.pruning.importance import AblationImportance, GNDIImportance
 from fxgndi.pruning.width import output_layers, prune
-from tests.helpers import randomize_batchnorm
+from tests.helpers import make_tiny, randomize_batchnorm
 
 
 class ChainNet(nn.Module):
@@ -405,3 +405,14 @@ def test_inplace_prunes_the_given_model_and_finetune_trains_it():
 def test_auto_ignored_layers_are_the_classifier():
     model = torchvision.models.resnet18(num_classes=10)
     assert output_layers(model, torch.zeros(1, 3, 32, 32)) == ["fc"]
+
+
+def test_a_prune_that_removes_nothing_says_so():
+    """Every prunable layer ignored: the model comes back whole, with a warning naming it."""
+    model = make_tiny()
+    data = [(torch.randn(4, 2, 6, 6), torch.randint(0, 3, (4,)))]
+    with pytest.warns(RuntimeWarning, match="prune removed no channel from"):
+        r = prune(model, data, sparsity=0.5, importance="l1", repair=False,
+                  ignored_layers=[n for n, m in model.named_modules()
+                                  if isinstance(m, (nn.Conv2d, nn.Linear))])
+    assert r.macs_after == r.macs_before
