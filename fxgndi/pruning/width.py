@@ -28,7 +28,8 @@ from fxgndi.core.runtime import device_of, eval_mode
 from fxgndi.core.streams import call_model, example_input, input_arity, iter_batches
 from fxgndi.fx.analysis import analyze, facts
 from fxgndi.fx.trace import trace
-from fxgndi.fx.widths import StaticWidth, static_widths, update_widths
+from fxgndi.fx.widths import (StaticWidth, forward_failure, shape_widths, static_widths,
+                              update_widths)
 from fxgndi.pruning import architectures
 from fxgndi.pruning._tp import (RoundLayer, graph_of, make_pruner, prunes_inputs,
                                 prunes_outputs)
@@ -50,6 +51,7 @@ TARGETS = PRUNE_TARGETS
 _TRACKED = (*LAYERS, *BATCHNORMS)
 _MAX_RATIO = 0.95  # torch-pruning refuses to empty a layer; the search stays below
 _UNROUND_TRIES = 3  # groups left unrounded, one search each, before all rounding is dropped
+_WIDTH_TRIES = 8  # prunes again with the layers of a failing forward kept, at most this often
 _UNTRACED = "(static widths)"  # the skipped entry of a model torch.fx could not trace
 
 
@@ -143,6 +145,7 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
     channels0 = _out_channels(model)
     ignored_names = _ignored_names(model, ignored_layers, example, opts)
     widths, skipped = _static_widths(model, example, opts)
+    kept_params: list[str] = []  # parameters whose torch-pruning groups keep their widths
     ignored_names += [name for name in skipped if name != _UNTRACED and name not in ignored_names]
 
     def run_once(ratio: float, target_model: nn.Module | None = None, *,
@@ -153,7 +156,7 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
                            round_to=round_to if rounder is None else rounder.callback(work),
                            ignored=[work.get_submodule(n) for n in ignored_names],
                            compensate=fixes.compensate, max_batches=opts.max_batches,
-                           seed=opts.seed, widths=widths,
+                           seed=opts.seed, widths=widths, kept_params=kept_params,
                            between_steps=repair_between if between else None)
         return work, kept
 
@@ -172,13 +175,12 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
 
     # The least-squares repair fits the pruned layers to the dense ones: keep the dense model.
     dense = copy.deepcopy(model) if fixes.reconstruct and inplace else model
-    if target == "channels":
-        ratio = sparsity
-        pruned, kept = run_once(ratio, model if inplace else None,
-                                between=repair_between is not None)
-    else:
+
+    def search_and_prune() -> tuple[float, nn.Module, _Pruned]:
+        """Prunes a copy (the model itself only once a copy runs)."""
+        if target == "channels":
+            return sparsity, *run_once(sparsity, between=repair_between is not None)
         if latency is not None:
-            seconds0 = latency.seconds(model, example)
             measure = lambda m: 1 - latency.seconds(m, example) / seconds0  # noqa: E731
         else:
             measure = _reduction_measure(target, macs0 if target == "macs" else params0,
@@ -201,12 +203,35 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
                 jumped = {n for n in below if len(below[n]) - len(above.get(n, [])) > 1}
                 if attempt == _UNROUND_TRIES - 1 or not rounder.unround(jumped):
                     rounder.enabled = False
-        if inplace or (repair_between is not None and not search_between):
-            pruned, kept = run_once(ratio, model if inplace else None,
-                                    between=repair_between is not None)
+        if repair_between is not None and not search_between:
+            pruned, kept = run_once(ratio, between=True)
+        return ratio, pruned, kept
+
+    seconds0 = latency.seconds(model, example) if latency is not None else 0.0
+    # A width the code holds that neither torch-pruning nor static_widths follows fails the
+    # pruned forward: the layers feeding the failing node keep their widths and pruning runs
+    # again.
+    for _ in range(_WIDTH_TRIES + 1):
+        ratio, pruned, kept = search_and_prune()
+        if _UNTRACED in skipped:
+            break
+        failure = forward_failure(pruned, model, example, leaf_modules=opts.leaf_modules,
+                                  concrete_args=opts.concrete_args)
+        new = [n for n in failure.layers if n not in ignored_names] if failure else []
+        new_params = [n for n in failure.parameters if n not in kept_params] if failure else []
+        if not new and not new_params:
+            break
+        kept_params += new_params
+        for name in new + new_params:
+            skipped.setdefault(name, f"keeps its width: with it pruned, node {failure.node} of "
+                                     f"the forward fails ({failure.error[:160]}); a width the "
+                                     "code holds that neither torch-pruning nor fxgndi follows")
+        ignored_names += new
+    _check_runs(pruned, example, untraceable=_UNTRACED in skipped)
+    if inplace:
+        pruned, kept = run_once(ratio, model, between=repair_between is not None)
     if rounder is not None:
         rounder.save()
-    _check_runs(pruned, example, untraceable=_UNTRACED in skipped)
     ran = repair_model(pruned, data, fixes, dense=dense, kept_outputs=kept[0],
                        max_batches=opts.max_batches, max_memory=opts.max_memory,
                        progress=opts.progress)
@@ -288,14 +313,16 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
                 importance: tp.importance.Importance, ratio: float, *, global_pruning: bool,
                 iterative_steps: int, round_to: int | RoundLayer | None, ignored: list[nn.Module],
                 compensate: bool, max_batches: int | None, seed: int,
-                widths: Sequence[StaticWidth] = (),
+                widths: Sequence[StaticWidth] = (), kept_params: Sequence[str] = (),
                 between_steps: Callable[[nn.Module, dict[str, list[int]]], Any] | None = None
                 ) -> _Pruned:
     """Prune ``model`` in place; returns the original indices of the kept outputs and inputs,
     and the groups the importance did not score. ``between_steps(model, kept_outputs)`` runs
     after every iterative step but the last (the repair, so that the next step scores a
     repaired model)."""
-    checked = _CheckedImportance(importance, {m: n for n, m in model.named_modules()})
+    parameters = dict(model.named_parameters())
+    checked = _CheckedImportance(importance, {m: n for n, m in model.named_modules()},
+                                 {id(parameters[n]): n for n in kept_params if n in parameters})
     tracker = _ChannelTracker(model)
     plan = architectures.plan_for(model)
     ties = Ties(model, compensate=compensate)
@@ -351,11 +378,20 @@ class _CheckedImportance(tp.importance.Importance):
     """Wraps an importance, checks each returned vector (torch-pruning does not) and records
     the groups it returned None for (torch-pruning skips them): root layer -> why."""
 
-    def __init__(self, inner: tp.importance.Importance, names: dict[nn.Module, str]) -> None:
-        self.inner, self.names = inner, names
+    def __init__(self, inner: tp.importance.Importance, names: dict[nn.Module, str],
+                 kept: dict[int, str] | None = None) -> None:
+        self.inner, self.names, self.kept = inner, names, kept or {}
         self.skipped: dict[str, str] = {}
 
     def __call__(self, group: Any) -> torch.Tensor | None:
+        kept = next((self.kept[id(dep.target.module)] for dep, _ in group
+                     if id(dep.target.module) in self.kept), None)
+        if kept is not None:  # a parameter the forward needs at its width (see prune)
+            root = group[0].dep.target.module
+            self.skipped.setdefault(self.names.get(root, group[0].dep.target.name),
+                                    f"keeps its width: its group prunes {kept}, which the "
+                                    "pruned forward needs at its width")
+            return None
         scores = self.inner(group)
         check_importance_length(scores, group, type(self.inner).__name__)
         if scores is None:
@@ -532,6 +568,8 @@ def _static_widths(model: nn.Module, example: Any, opts: RunOptions
     try:
         widths = static_widths(model, example, leaf_modules=opts.leaf_modules,
                                concrete_args=opts.concrete_args)
+        read = shape_widths(model, example, leaf_modules=opts.leaf_modules,
+                            concrete_args=opts.concrete_args)
     except (UntraceableModelError, RuntimeError, TypeError) as exc:
         why = (f"untraceable ({type(exc).__name__}): widths its code holds were not looked "
                "for; pass concrete_args= (forward flags) or leaf_modules=")
@@ -540,6 +578,11 @@ def _static_widths(model: nn.Module, example: Any, opts: RunOptions
                          f"which counts its {w.value // w.per_channel} channels; hold it in a "
                          "module attribute (self.width = ...) for fxgndi to update it")
                for w in widths if w.attribute is None}
+    for r in read:
+        for layer in r.layers:
+            skipped.setdefault(layer, f"keeps its width: {r.node} reshapes with a size read off "
+                               f"the channels of {r.source} (its shape), which pruning "
+                               f"{', '.join(r.layers)} apart would leave stale")
     return widths, skipped
 
 
