@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -31,8 +32,8 @@ from fxgndi.fx.trace import trace
 from fxgndi.fx.widths import (StaticWidth, forward_failure, shape_widths, static_widths,
                               update_widths)
 from fxgndi.pruning import architectures
-from fxgndi.pruning._tp import (RoundLayer, graph_of, make_pruner, prunes_inputs,
-                                prunes_outputs)
+from fxgndi.pruning._tp import (RoundLayer, channel_groups, graph_of, make_pruner,
+                                prunes_inputs, prunes_outputs)
 from fxgndi.pruning.compensate import compensate_group, consumer_input_means
 from fxgndi.deploy.latency import Latency, latency_target
 from fxgndi.pruning.latency import PerLatency, layer_latencies
@@ -327,7 +328,7 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
     plan = architectures.plan_for(model)
     ties = Ties(model, compensate=compensate)
     with eval_mode(model), torch.random.fork_rng(devices=_cuda(model)), \
-            torch.enable_grad():
+            torch.enable_grad(), _biasless_group_norms(model):
         torch.manual_seed(seed)
         try:
             with architectures.tracing(model, plan):
@@ -337,6 +338,7 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
                     ignored_layers=ignored, round_to=round_to, **plan.pruner_options())
             pruner.ignored_layers.extend(
                 architectures.unprunable_layers(pruner.DG, pruner.root_module_types))
+            checked.pruner = pruner
         except Exception as exc:  # torch-pruning raises bare errors from deep inside
             raise FxgndiError(
                 f"torch-pruning {tp.__version__} could not build the dependency graph of "
@@ -365,6 +367,21 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
     return _Pruned(*tracker.kept(), skipped=checked.skipped)
 
 
+@contextmanager
+def _biasless_group_norms(model: nn.Module) -> Iterator[None]:
+    """torch-pruning (1.6) prunes an affine GroupNorm's ``bias`` even when it is None (timm's
+    ``GroupNorm1NoBias``) and fails: a zero bias, which changes nothing, stands in meanwhile."""
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm) and m.affine
+             and m.bias is None and isinstance(m.weight, nn.Parameter)]
+    for m in norms:
+        m.bias = nn.Parameter(torch.zeros_like(m.weight), requires_grad=False)
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.bias = None
+
+
 class _Pruned(NamedTuple):
     """What one pruning run did: original indices of the kept outputs and inputs per layer, and
     the root layers of the groups the importance returned None for (why)."""
@@ -381,6 +398,7 @@ class _CheckedImportance(tp.importance.Importance):
     def __init__(self, inner: tp.importance.Importance, names: dict[nn.Module, str],
                  kept: dict[int, str] | None = None) -> None:
         self.inner, self.names, self.kept = inner, names, kept or {}
+        self.pruner: Any = None  # set once built: its channel slices are checked
         self.skipped: dict[str, str] = {}
 
     def __call__(self, group: Any) -> torch.Tensor | None:
@@ -394,6 +412,17 @@ class _CheckedImportance(tp.importance.Importance):
             return None
         scores = self.inner(group)
         check_importance_length(scores, group, type(self.inner).__name__)
+        slices = channel_groups(self.pruner, group) if self.pruner is not None else 1
+        if scores is not None and len(scores) % slices:
+            # torch-pruning averages the scores over the slices of a grouped conv in the group;
+            # where a concat puts that conv on part of the group's channels the slices do not
+            # divide them, and its pruner would fail: the group is skipped.
+            root = group[0].dep.target.module
+            self.skipped[self.names.get(root, group[0].dep.target.name)] = (
+                f"keeps its width: torch-pruning splits its group's {len(scores)} channels "
+                f"into {slices} equal slices (a grouped conv or GroupNorm reads part of them, "
+                "after a concat), which do not divide them")
+            return None
         if scores is None:
             root = group[0].dep.target.module
             name = self.names.get(root, group[0].dep.target.name)
