@@ -259,7 +259,8 @@ def forward_failure(pruned: nn.Module, dense: nn.Module, example_inputs: Any, *,
             for a in n.all_input_nodes:
                 layers |= facts(a).layers
                 parameters |= _parameters_read(a, dense)
-            if n.op == "call_module" and n.target in modules:  # a leaf: what is inside too
+            if n.op == "call_module" and n.target in modules \
+                    and not isinstance(modules[n.target], LAYERS):  # a leaf: what is inside
                 inside = modules[n.target]
                 layers |= {f"{n.target}.{name}".strip(".") for name, m in
                            inside.named_modules() if isinstance(m, LAYERS)}

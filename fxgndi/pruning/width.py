@@ -145,7 +145,10 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
     macs0, params0 = count_macs_params(model, example)
     channels0 = _out_channels(model)
     ignored_names = _ignored_names(model, ignored_layers, example, opts)
-    widths, skipped = _static_widths(model, example, opts)
+    # The modules an architecture's own pruner handles are opaque to the width passes: that
+    # pruner keeps the widths inside consistent (windowed / partition attention, ...).
+    width_leaves = (*opts.leaf_modules, *plan.customized_pruners)
+    widths, skipped = _static_widths(model, example, opts, width_leaves)
     kept_params: list[str] = []  # parameters whose torch-pruning groups keep their widths
     ignored_names += [name for name in skipped if name != _UNTRACED and name not in ignored_names]
 
@@ -216,7 +219,7 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
         ratio, pruned, kept = search_and_prune()
         if _UNTRACED in skipped:
             break
-        failure = forward_failure(pruned, model, example, leaf_modules=opts.leaf_modules,
+        failure = forward_failure(pruned, model, example, leaf_modules=width_leaves,
                                   concrete_args=opts.concrete_args)
         new = [n for n in failure.layers if n not in ignored_names] if failure else []
         new_params = [n for n in failure.parameters if n not in kept_params] if failure else []
@@ -589,15 +592,16 @@ def _make_importance(importance: Any, data: Iterable, compensate: bool, opts: An
     return make_importance(importance)
 
 
-def _static_widths(model: nn.Module, example: Any, opts: RunOptions
+def _static_widths(model: nn.Module, example: Any, opts: RunOptions,
+                   leaf_modules: Sequence[str | type]
                    ) -> tuple[list[StaticWidth], dict[str, str]]:
     """The widths the model's code holds (:mod:`fxgndi.fx.widths`) and the layers that must keep
     theirs because a literal holds it; none for a model torch.fx cannot trace (then the final
     forward check is what catches a stale width)."""
     try:
-        widths = static_widths(model, example, leaf_modules=opts.leaf_modules,
+        widths = static_widths(model, example, leaf_modules=leaf_modules,
                                concrete_args=opts.concrete_args)
-        read = shape_widths(model, example, leaf_modules=opts.leaf_modules,
+        read = shape_widths(model, example, leaf_modules=leaf_modules,
                             concrete_args=opts.concrete_args)
     except (UntraceableModelError, RuntimeError, TypeError) as exc:
         why = (f"untraceable ({type(exc).__name__}): widths its code holds were not looked "
