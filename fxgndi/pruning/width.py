@@ -114,6 +114,14 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
     ``FrozenBatchNorm2d``, detection backbones) are recognised from the model's modules and
     handled by :mod:`fxgndi.pruning.architectures` (named in ``settings["architectures"]``).
 
+    Widths the model's code holds (:mod:`fxgndi.fx.widths`): one held in an attribute is
+    updated (``settings["updated_widths"]``); a literal one, or a size read off another
+    tensor's shape (``B, N, C = x.shape`` then ``out.reshape(B, N, C)``), keeps the widths of
+    the layers involved. The returned model always runs on ``example_inputs``: where a pruned
+    forward still fails, the layers (and parameters) feeding the failing node, in every
+    instance of the module class that made the call, keep their widths and pruning runs again.
+    Every kept width is in ``result.skipped`` with its reason.
+
     Example:
         >>> import torchvision
         >>> from fxgndi.app.data import load_data
