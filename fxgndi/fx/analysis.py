@@ -12,6 +12,7 @@ Facts describe the graph as it was when analysed: after editing a graph, analyse
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -30,6 +31,10 @@ _CHANNELS_LAST = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention)
 # After these the channel dim is unknown (the layout changes).
 _RESHAPES = frozenset({"permute", "flatten", "reshape", "view", "transpose", "cat", "concat"})
 _ADD_FUNCTIONS = frozenset({operator.add, operator.iadd, torch.add})
+# Python-level ops that, on sizes, give sizes.
+_SIZE_FUNCTIONS = frozenset({operator.getitem, operator.add, operator.sub, operator.mul,
+                             operator.floordiv, operator.truediv, operator.mod, operator.neg,
+                             int, math.prod})
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,8 @@ class NodeFacts:
         layers: the nearest conv / linear modules up every input path (the node's frontier).
         residual: for a residual add (both inputs depend on the model input), the names of
             its ``(branch, skip)`` inputs; None otherwise.
+        size: the node is a size read off a shape (``x.shape``, ``x.size(1)``, ``C // 2``),
+            not a tensor; sizes do not carry layers into ``layers``.
 
     Example:
         >>> gm = analyze(fx.symbolic_trace(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())))
@@ -62,6 +69,7 @@ class NodeFacts:
     layer: str | None
     layers: frozenset[str]
     residual: tuple[str, str] | None = None
+    size: bool = False
 
 
 def analyze(gm: fx.GraphModule) -> fx.GraphModule:
@@ -89,6 +97,7 @@ def analyze(gm: fx.GraphModule) -> fx.GraphModule:
         module = modules.get(node.target) if node.op == "call_module" else None
         is_layer = isinstance(module, LAYERS)
         first = [a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr"]
+        size = _is_size(node)
         node.meta[META_KEY] = NodeFacts(
             index=index,
             ancestors=ancestors,
@@ -96,8 +105,8 @@ def analyze(gm: fx.GraphModule) -> fx.GraphModule:
             channel_dim=_channel_dim(node, module),
             layer=node.target if is_layer else (facts(first[0]).layer if first else None),
             layers=frozenset({node.target}) if is_layer else
-            frozenset().union(*(facts(p).layers for p in parents)),
-            residual=_residual(node))
+            frozenset().union(*(facts(p).layers for p in parents if not facts(p).size)),
+            residual=_residual(node), size=size)
     return gm
 
 
@@ -153,18 +162,76 @@ def is_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("add", "add_")
 
 
+def _is_size(node: fx.Node) -> bool:
+    """A shape read (``x.shape``, ``x.size()``), or int arithmetic / indexing on sizes only."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
+        return node.args[1] == "shape"
+    if node.op == "call_method" and node.target == "size":
+        return True
+    if node.op == "call_function" and node.target in _SIZE_FUNCTIONS:
+        parents = node.all_input_nodes
+        return bool(parents) and all(facts(p).size for p in parents)
+    return False
+
+
 def _channel_dim(node: fx.Node, module: nn.Module | None) -> int | None:
     if isinstance(module, _CHANNELS_FIRST):
         return 1
     if isinstance(module, _CHANNELS_LAST):
         return -1
     if node.op in ("call_method", "call_function"):
-        if getattr(node.target, "__name__", str(node.target)) in _RESHAPES:
-            return None
+        name = getattr(node.target, "__name__", str(node.target))
+        if name in _RESHAPES:
+            return _moved_channel_dim(node, name)
     for arg in node.args:
         if isinstance(arg, fx.Node) and arg.op not in ("get_attr", "placeholder"):
             return facts(arg).channel_dim
     return None
+
+
+def _moved_channel_dim(node: fx.Node, name: str) -> int | None:
+    """The channel dim after a layout op: followed through ``permute`` / ``transpose``, and
+    through a reshape that keeps the dims up to it (``[B, C, H, W] -> [B, C, H * W]``) or keeps
+    it as the last dim (``[B, H, W, C] -> [B, H * W, C]``), when ShapeProp's shapes say so;
+    None otherwise (a concat, a reshape that splits or merges the channel dim)."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node) or facts(source).channel_dim is None:
+        return None
+    channel = facts(source).channel_dim
+    before, after = _shape_of(source), _shape_of(node)
+    rank = len(before) if before is not None else None
+    if name == "permute":
+        dims = node.args[1:] if len(node.args) > 2 or not node.args[1:] else node.args[1]
+        dims = list(node.kwargs.get("dims", dims))
+        if not dims or not all(isinstance(d, int) for d in dims):
+            return None
+        rank = len(dims)
+        return _as_channel_dim([d % rank for d in dims].index(channel % rank), rank)
+    if name == "transpose":
+        dims = [*node.args[1:3], *(node.kwargs[k] for k in ("dim0", "dim1") if k in node.kwargs)]
+        if rank is None or len(dims) != 2 or not all(isinstance(d, int) for d in dims):
+            return None
+        a, b, c = dims[0] % rank, dims[1] % rank, channel % rank
+        return _as_channel_dim(b if c == a else a if c == b else c, rank)
+    if before is None or after is None or name in ("cat", "concat") or not rank:
+        return None
+    c = channel % rank
+    if c == rank - 1 and after and after[-1] == before[-1]:
+        return -1
+    if len(after) > c and list(after[:c + 1]) == list(before[:c + 1]):
+        return _as_channel_dim(c, len(after))
+    return None
+
+
+def _shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def _as_channel_dim(dim: int, rank: int) -> int:
+    """The last dim is written -1 (tokens, NHWC), others by position (1 for NCHW)."""
+    return -1 if dim == rank - 1 else dim
 
 
 def _residual(node: fx.Node) -> tuple[str, str] | None:

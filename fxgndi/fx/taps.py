@@ -12,13 +12,15 @@ each made of several prunable units (``Linear -> view(B, C, h, w) -> conv``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
-import torch  # noqa: F401  (doctests)
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from fxgndi.core.layers import LAYERS, input_channel_dim
+from fxgndi.core.runtime import eval_mode
+from fxgndi.core.streams import call_model
 from fxgndi.fx.trace import trace
 
 TAP_PREFIX = "fxgndi_tap_"
@@ -38,6 +40,7 @@ class Tap:
     module: str
     channel_dim: int
     flat: bool = False
+    folded: bool = False  # its tensor holds several rows per sample in dim 0 (mark_folded)
 
     @property
     def site_dim(self) -> int:
@@ -91,3 +94,41 @@ def tap_consumers(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
     gm.graph.lint()
     gm.recompile()
     return gm, taps
+
+
+def mark_folded(gm: fx.GraphModule, taps: Sequence[Tap], batch: Any) -> None:
+    """Set ``folded`` on the taps of ``gm`` (from :func:`tap_consumers`) whose tensor does not
+    have ``batch``'s samples in dim 0: windowed attention folds its windows into the batch dim
+    (``[B * windows, tokens, C]``), where a per-sample intervention does not broadcast. Runs
+    ``gm`` once on ``batch`` (a tensor or inputs with two samples or more; with one, nothing is
+    marked: a single sample broadcasts over its rows).
+
+    Example:
+        >>> class Windows(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__(); self.fc = nn.Linear(2, 2)
+        ...     def forward(self, x):  # [B, 4, 2] -> windows of 2 tokens folded into dim 0
+        ...         return self.fc(x.reshape(-1, 2, 2)).reshape(x.shape)
+        >>> gm, taps = tap_consumers(Windows())
+        >>> mark_folded(gm, taps, torch.zeros(2, 4, 2)); taps[0].folded
+        True
+    """
+    samples = int(batch.shape[0])
+    if samples < 2:
+        return
+    seen: dict[str, int] = {}
+
+    def record(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            seen.setdefault(name, int(out.shape[0]))
+        return hook
+
+    hooks = [gm.get_submodule(t.name).register_forward_hook(record(t.name)) for t in taps]
+    try:
+        with eval_mode(gm), torch.no_grad():
+            call_model(gm, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    for t in taps:
+        t.folded = t.name in seen and seen[t.name] != samples

@@ -225,6 +225,18 @@ def element_reads(group: Any) -> dict[nn.Module, list[tuple[int, int]] | None]:
     return reads
 
 
+def channel_groups(pruner: Any, group: Any) -> int:
+    """How many equal slices torch-pruning's pruner averages ``group``'s scores over (its
+    ``_get_channel_groups``: grouped convs, GroupNorms, attention heads in the group); the
+    group's length must be a multiple of it.
+
+    Example:
+        >>> channel_groups(pruner, group)  # doctest: +SKIP
+        1
+    """
+    return int(_internal(pruner, "_get_channel_groups")(group))
+
+
 def normalize(scores: torch.Tensor, normalizer: Any) -> torch.Tensor:
     """torch-pruning's own normalisation of importance scores (None: unchanged), so that
     fxgndi's importances mix with its criteria.

@@ -56,7 +56,7 @@ from fxgndi.core.options import RunKwargs, RunOptions, run_options
 from fxgndi.core.runtime import device_of, eval_mode
 from fxgndi.core.streams import batch_count, first_batch, iter_batches
 from fxgndi.fx.intervention import InterventionGraph, calibrate, intervene
-from fxgndi.fx.taps import Tap, tap_consumers
+from fxgndi.fx.taps import Tap, mark_folded, tap_consumers
 from fxgndi.gndi.memory import pieces, plan_step
 from fxgndi.gndi.readouts import check_labels, readout_width
 from fxgndi.gndi.readouts import readout as apply_readout
@@ -124,6 +124,10 @@ def plan_group(group: Any, names: dict[nn.Module, str], taps_of: dict[str, list[
             raise UnscorableGroup(f"'{name}' reads its channels but is not a conv or linear "
                                   "layer called in the traced graph (an LSTM, or inside a leaf "
                                   "module), so G-NDI cannot intervene on what it reads")
+        if any(tap.folded for tap in taps):
+            raise UnscorableGroup(f"'{name}' reads its channels with several rows per sample "
+                                  "in the batch dim (windows folded into it), where a "
+                                  "per-sample intervention does not broadcast")
         if layer in elements and elements[layer] is None:
             raise UnscorableGroup(f"'{name}' reads its units through a reshape that makes "
                                   "several of them one input channel, then an op that moves "
@@ -448,6 +452,8 @@ class GroupEffectImportance(tp.importance.Importance):
         for site, tap in zip(graph.sites, taps):
             site.channel_dim = tap.site_dim  # a Linear reading NHWC has channels last
         device = device_of(model)
+        mark_folded(gm, taps, first_batch(iter_batches(self.data, device=device,
+                                                       arity=graph.arity))[:2])
         with eval_mode(graph):
             if self.baseline == "zero":  # shapes are per sample: one sample records them
                 graph.describe(first_batch(iter_batches(self.data, device=device,

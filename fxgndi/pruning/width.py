@@ -11,8 +11,9 @@ import copy
 import math
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,10 +30,11 @@ from fxgndi.core.runtime import device_of, eval_mode
 from fxgndi.core.streams import call_model, example_input, input_arity, iter_batches
 from fxgndi.fx.analysis import analyze, facts
 from fxgndi.fx.trace import trace
-from fxgndi.fx.widths import StaticWidth, static_widths, update_widths
+from fxgndi.fx.widths import (StaticWidth, forward_failure, shape_widths, static_widths,
+                              update_widths)
 from fxgndi.pruning import architectures
-from fxgndi.pruning._tp import (RoundLayer, graph_of, make_pruner, prunes_inputs,
-                                prunes_outputs)
+from fxgndi.pruning._tp import (RoundLayer, channel_groups, graph_of, make_pruner,
+                                prunes_inputs, prunes_outputs)
 from fxgndi.pruning.compensate import compensate_group, consumer_input_means
 from fxgndi.deploy.latency import Latency, latency_target
 from fxgndi.pruning.latency import PerLatency, layer_latencies
@@ -51,6 +53,7 @@ TARGETS = PRUNE_TARGETS
 _TRACKED = (*LAYERS, *BATCHNORMS)
 _MAX_RATIO = 0.95  # torch-pruning refuses to empty a layer; the search stays below
 _UNROUND_TRIES = 4  # finer rounding of the groups that step, one search each, before none
+_WIDTH_TRIES = 8  # prunes again with the layers of a failing forward kept, at most this often
 _UNTRACED = "(static widths)"  # the skipped entry of a model torch.fx could not trace
 
 
@@ -113,6 +116,14 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
     ``FrozenBatchNorm2d``, detection backbones) are recognised from the model's modules and
     handled by :mod:`fxgndi.pruning.architectures` (named in ``settings["architectures"]``).
 
+    Widths the model's code holds (:mod:`fxgndi.fx.widths`): one held in an attribute is
+    updated (``settings["updated_widths"]``); a literal one, or a size read off another
+    tensor's shape (``B, N, C = x.shape`` then ``out.reshape(B, N, C)``), keeps the widths of
+    the layers involved. The returned model always runs on ``example_inputs``: where a pruned
+    forward still fails, the layers (and parameters) feeding the failing node, in every
+    instance of the module class that made the call, keep their widths and pruning runs again.
+    Every kept width is in ``result.skipped`` with its reason.
+
     Example:
         >>> import torchvision
         >>> from fxgndi.app.data import load_data
@@ -144,7 +155,11 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
     macs0, params0 = count_macs_params(model, example)
     channels0 = _out_channels(model)
     ignored_names = _ignored_names(model, ignored_layers, example, opts)
-    widths, skipped = _static_widths(model, example, opts)
+    # The modules an architecture's own pruner handles are opaque to the width passes: that
+    # pruner keeps the widths inside consistent (windowed / partition attention, ...).
+    width_leaves = (*opts.leaf_modules, *plan.customized_pruners)
+    widths, skipped = _static_widths(model, example, opts, width_leaves)
+    kept_params: list[str] = []  # parameters whose torch-pruning groups keep their widths
     ignored_names += [name for name in skipped if name != _UNTRACED and name not in ignored_names]
 
     layer_ratios: dict[str, float] = {}  # groups (by root layer) pruned at their own ratio
@@ -160,7 +175,7 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
                            round_to=round_to if rounder is None else rounder.callback(work),
                            ignored=[work.get_submodule(n) for n in ignored_names],
                            compensate=fixes.compensate, max_batches=opts.max_batches,
-                           seed=opts.seed, widths=widths,
+                           seed=opts.seed, widths=widths, kept_params=kept_params,
                            between_steps=repair_between if between else None)
         return work, kept
 
@@ -181,11 +196,13 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
     # is timed against them: keep the dense model.
     dense = copy.deepcopy(model) if inplace and (fixes.reconstruct or latency is not None) \
         else model
-    if target == "channels":
-        ratio = sparsity
-        pruned, kept = run_once(ratio, model if inplace else None,
-                                between=repair_between is not None)
-    else:
+
+    def search_and_prune() -> tuple[float, nn.Module, _Pruned]:
+        """Prunes a copy (the model itself only once a copy runs)."""
+        nonlocal layer_ratios
+        layer_ratios = {}
+        if target == "channels":
+            return sparsity, *run_once(sparsity, between=repair_between is not None)
         if latency is not None:  # timed against the dense model, in alternation
             measure = lambda m: 1 - latency.ratio(m, model, example)  # noqa: E731
         else:
@@ -216,12 +233,34 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
                     break
                 if attempt == _UNROUND_TRIES - 1 or not rounder.unround(set(jumped)):
                     rounder.enabled = False
-        if inplace or (repair_between is not None and not search_between):
-            pruned, kept = run_once(ratio, model if inplace else None,
-                                    between=repair_between is not None)
+        if repair_between is not None and not search_between:
+            pruned, kept = run_once(ratio, between=True)
+        return ratio, pruned, kept
+
+    # A width the code holds that neither torch-pruning nor static_widths follows fails the
+    # pruned forward: the layers feeding the failing node keep their widths and pruning runs
+    # again.
+    for _ in range(_WIDTH_TRIES + 1):
+        ratio, pruned, kept = search_and_prune()
+        if _UNTRACED in skipped:
+            break
+        failure = forward_failure(pruned, model, example, leaf_modules=width_leaves,
+                                  concrete_args=opts.concrete_args)
+        new = [n for n in failure.layers if n not in ignored_names] if failure else []
+        new_params = [n for n in failure.parameters if n not in kept_params] if failure else []
+        if not new and not new_params:
+            break
+        kept_params += new_params
+        for name in new + new_params:
+            skipped.setdefault(name, f"keeps its width: with it pruned, node {failure.node} of "
+                                     f"the forward fails ({failure.error[:160]}); a width the "
+                                     "code holds that neither torch-pruning nor fxgndi follows")
+        ignored_names += new
+    _check_runs(pruned, example, untraceable=_UNTRACED in skipped)
+    if inplace:
+        pruned, kept = run_once(ratio, model, between=repair_between is not None)
     if rounder is not None:
         rounder.save()
-    _check_runs(pruned, example, untraceable=_UNTRACED in skipped)
     if sparsity > 0 and all(len(kept[0].get(n, ())) == c for n, c in channels0.items()):
         why = {**skipped, **kept.skipped}
         warnings.warn(
@@ -336,19 +375,21 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
                 layer_ratios: dict[nn.Module, float] | None = None,
                 iterative_steps: int, round_to: int | RoundLayer | None, ignored: list[nn.Module],
                 compensate: bool, max_batches: int | None, seed: int,
-                widths: Sequence[StaticWidth] = (),
+                widths: Sequence[StaticWidth] = (), kept_params: Sequence[str] = (),
                 between_steps: Callable[[nn.Module, dict[str, list[int]]], Any] | None = None
                 ) -> _Pruned:
     """Prune ``model`` in place; returns the original indices of the kept outputs and inputs,
     and the groups the importance did not score. ``between_steps(model, kept_outputs)`` runs
     after every iterative step but the last (the repair, so that the next step scores a
     repaired model)."""
-    checked = _CheckedImportance(importance, {m: n for n, m in model.named_modules()})
+    parameters = dict(model.named_parameters())
+    checked = _CheckedImportance(importance, {m: n for n, m in model.named_modules()},
+                                 {id(parameters[n]): n for n in kept_params if n in parameters})
     tracker = _ChannelTracker(model)
     plan = architectures.plan_for(model)
     ties = Ties(model, compensate=compensate)
     with eval_mode(model), torch.random.fork_rng(devices=_cuda(model)), \
-            torch.enable_grad():
+            torch.enable_grad(), _biasless_group_norms(model):
         torch.manual_seed(seed)
         try:
             with architectures.tracing(model, plan):
@@ -359,6 +400,7 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
                     ignored_layers=ignored, round_to=round_to, **plan.pruner_options())
             pruner.ignored_layers.extend(
                 architectures.unprunable_layers(pruner.DG, pruner.root_module_types))
+            checked.pruner = pruner
         except Exception as exc:  # torch-pruning raises bare errors from deep inside
             raise FxgndiError(
                 f"torch-pruning {tp.__version__} could not build the dependency graph of "
@@ -387,6 +429,21 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
     return _Pruned(*tracker.kept(), skipped=checked.skipped)
 
 
+@contextmanager
+def _biasless_group_norms(model: nn.Module) -> Iterator[None]:
+    """torch-pruning (1.6) prunes an affine GroupNorm's ``bias`` even when it is None (timm's
+    ``GroupNorm1NoBias``) and fails: a zero bias, which changes nothing, stands in meanwhile."""
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm) and m.affine
+             and m.bias is None and isinstance(m.weight, nn.Parameter)]
+    for m in norms:
+        m.bias = nn.Parameter(torch.zeros_like(m.weight), requires_grad=False)
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.bias = None
+
+
 class _Pruned(NamedTuple):
     """What one pruning run did: original indices of the kept outputs and inputs per layer, and
     the root layers of the groups the importance returned None for (why)."""
@@ -400,13 +457,34 @@ class _CheckedImportance(tp.importance.Importance):
     """Wraps an importance, checks each returned vector (torch-pruning does not) and records
     the groups it returned None for (torch-pruning skips them): root layer -> why."""
 
-    def __init__(self, inner: tp.importance.Importance, names: dict[nn.Module, str]) -> None:
-        self.inner, self.names = inner, names
+    def __init__(self, inner: tp.importance.Importance, names: dict[nn.Module, str],
+                 kept: dict[int, str] | None = None) -> None:
+        self.inner, self.names, self.kept = inner, names, kept or {}
+        self.pruner: Any = None  # set once built: its channel slices are checked
         self.skipped: dict[str, str] = {}
 
     def __call__(self, group: Any) -> torch.Tensor | None:
+        kept = next((self.kept[id(dep.target.module)] for dep, _ in group
+                     if id(dep.target.module) in self.kept), None)
+        if kept is not None:  # a parameter the forward needs at its width (see prune)
+            root = group[0].dep.target.module
+            self.skipped.setdefault(self.names.get(root, group[0].dep.target.name),
+                                    f"keeps its width: its group prunes {kept}, which the "
+                                    "pruned forward needs at its width")
+            return None
         scores = self.inner(group)
         check_importance_length(scores, group, type(self.inner).__name__)
+        slices = channel_groups(self.pruner, group) if self.pruner is not None else 1
+        if scores is not None and len(scores) % slices:
+            # torch-pruning averages the scores over the slices of a grouped conv in the group;
+            # where a concat puts that conv on part of the group's channels the slices do not
+            # divide them, and its pruner would fail: the group is skipped.
+            root = group[0].dep.target.module
+            self.skipped[self.names.get(root, group[0].dep.target.name)] = (
+                f"keeps its width: torch-pruning splits its group's {len(scores)} channels "
+                f"into {slices} equal slices (a grouped conv or GroupNorm reads part of them, "
+                "after a concat), which do not divide them")
+            return None
         if scores is None:
             root = group[0].dep.target.module
             name = self.names.get(root, group[0].dep.target.name)
@@ -573,14 +651,17 @@ def _make_importance(importance: Any, data: Iterable, compensate: bool, opts: An
     return make_importance(importance)
 
 
-def _static_widths(model: nn.Module, example: Any, opts: RunOptions
+def _static_widths(model: nn.Module, example: Any, opts: RunOptions,
+                   leaf_modules: Sequence[str | type]
                    ) -> tuple[list[StaticWidth], dict[str, str]]:
     """The widths the model's code holds (:mod:`fxgndi.fx.widths`) and the layers that must keep
     theirs because a literal holds it; none for a model torch.fx cannot trace (then the final
     forward check is what catches a stale width)."""
     try:
-        widths = static_widths(model, example, leaf_modules=opts.leaf_modules,
+        widths = static_widths(model, example, leaf_modules=leaf_modules,
                                concrete_args=opts.concrete_args)
+        read = shape_widths(model, example, leaf_modules=leaf_modules,
+                            concrete_args=opts.concrete_args)
     except (UntraceableModelError, RuntimeError, TypeError) as exc:
         why = (f"untraceable ({type(exc).__name__}): widths its code holds were not looked "
                "for; pass concrete_args= (forward flags) or leaf_modules=")
@@ -589,6 +670,11 @@ def _static_widths(model: nn.Module, example: Any, opts: RunOptions
                          f"which counts its {w.value // w.per_channel} channels; hold it in a "
                          "module attribute (self.width = ...) for fxgndi to update it")
                for w in widths if w.attribute is None}
+    for r in read:
+        for layer in r.layers:
+            skipped.setdefault(layer, f"keeps its width: {r.node} reshapes with a size read off "
+                               f"the channels of {r.source} (its shape), which pruning "
+                               f"{', '.join(r.layers)} apart would leave stale")
     return widths, skipped
 
 
