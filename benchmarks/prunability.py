@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 COLUMNS = ["model", "family", "size", "traced", "scored", "pruned", "forward", "macs_before",
-           "macs_after", "params_before", "params_after", "seconds", "error"]
+           "macs_after", "params_before", "params_after", "seconds", "error", "sweep"]
 ZOOS = ("torchvision", "torchvision-segmentation", "timm")
 SEGMENTATION_SIZE = TIMM_SIZE = 64
 _MARK = "PRUNABILITY_RESULT "
