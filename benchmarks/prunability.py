@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 COLUMNS = ["model", "family", "size", "traced", "scored", "pruned", "forward", "macs_before",
-           "macs_after", "params_before", "params_after", "seconds", "error"]
+           "macs_after", "params_before", "params_after", "seconds", "error", "sweep"]
 ZOOS = ("torchvision", "torchvision-segmentation", "timm")
 SEGMENTATION_SIZE = TIMM_SIZE = 64
 _MARK = "PRUNABILITY_RESULT "
@@ -357,6 +357,53 @@ def table(rows: list[dict[str, Any]]) -> str:
                               "seconds", "handling", "error"], floatfmt=".3f")
 
 
+CAUSES = (  # (cause, test on the row's error), the first that matches
+    ("timeout", lambda e: e.startswith("timeout")),
+    ("crashed", lambda e: e.startswith("process exited")),
+    ("does not build", lambda e: e.startswith("build:")),
+    ("untraceable by torch.fx", lambda e: "UntraceableModelError" in e),
+    ("torch-pruning's dependency graph", lambda e: "could not build the dependency graph" in e),
+    ("pruned model fails its forward", lambda e: "fails its forward" in e
+     or e.startswith("forward:")),
+    ("other prune error", lambda e: True),
+)
+
+
+def failure_cause(row: dict[str, Any]) -> str:
+    """Why a sweep row did not reach a forward pass of the pruned model ("ok" if it did): the
+    first of :data:`CAUSES` its error matches.
+
+    Example:
+        >>> failure_cause({"forward": False, "error": "timeout after 600 s"})
+        'timeout'
+    """
+    if row.get("forward"):
+        return "ok"
+    error = row.get("error") or ""
+    return next(cause for cause, test in CAUSES if test(error))
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """How many rows ran, then one line per failure cause with its models.
+
+    Example:
+        >>> print(summary([{"model": "a", "forward": True},
+        ...                {"model": "b", "forward": False, "error": "timeout after 9 s"}]))
+        1 of 2 pruned and ran a forward pass
+        timeout (1): b
+    """
+    by_cause: dict[str, list[str]] = {}
+    for row in rows:
+        by_cause.setdefault(failure_cause(row), []).append(row["model"])
+    ok = len(by_cause.pop("ok", []))
+    lines = [f"{ok} of {len(rows)} pruned and ran a forward pass"]
+    for cause, _ in CAUSES:
+        if cause in by_cause:
+            names = by_cause[cause]
+            lines.append(f"{cause} ({len(names)}): {', '.join(sorted(names))}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -403,8 +450,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           f"channel ratio {settings['sparsity']}, batch {settings['batch']}, "
           f"num_classes={settings['num_classes']}, input px in the table")
     print(table(done))
-    ok = sum(bool(r["forward"]) for r in done)
-    print(f"{ok} of {len(done)} pruned and ran a forward pass")
+    print(summary(done))
     return done
 
 

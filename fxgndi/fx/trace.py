@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch.fx as fx
@@ -56,11 +57,16 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
     The trace is taken in eval mode, so functional calls that read ``self.training`` (stochastic
     depth, ``F.dropout``) are inert in the graph. A GraphModule (e.g. a depth-pruned model) is
     copied, not re-traced: re-tracing would rename
-    its nodes and drop the module-stack metadata that names residual-block sites. A model that
-    does not trace is traced once more with the modules and functions its library (timm)
-    registers as untraceable kept opaque (:func:`library_notrace`); if that fails too, raises
-    UntraceableModelError naming the failing module and suggesting ``leaf_modules`` or
-    ``concrete_args``.
+    its nodes and drop the module-stack metadata that names residual-block sites.
+
+    A model that does not trace is traced again, first with the modules and functions its
+    library (timm) registers as untraceable kept opaque (:func:`library_notrace`), then with
+    each submodule that still fails (data-dependent control flow in its forward) kept opaque
+    too, one at a time, innermost first. Such a module's insides are not sites and the groups
+    read inside it cannot be scored (``GNDIImportance`` returns None for them: ``prune`` keeps
+    their widths); the modules made opaque are listed in ``gm.meta["fxgndi_opaque"]`` and in
+    a warning. Raises UntraceableModelError, saying what was tried, when the model's own
+    forward cannot be traced.
 
     Example:
         >>> gm = trace(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
@@ -70,31 +76,75 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
     if isinstance(model, fx.GraphModule) and concrete_args is None:
         return fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
     leaves = list(leaf_modules)
-    tracer = GndiTracer(leaves)
-    try:
-        # In eval mode: torch.fx bakes `self.training` into functional calls (torchvision's
-        # stochastic_depth, F.dropout), and a measurement must not be random.
-        with eval_mode(model):
-            graph = tracer.trace(model, concrete_args=concrete_args)
-    except Exception as exc:  # torch.fx raises many types: TraceError, TypeError, ...
-        modules, functions = library_notrace()
-        if modules or functions:  # a retry keeps what the library says fx cannot trace opaque
-            retry = GndiTracer(leaves + modules, functions)
-            try:
-                with eval_mode(model):
-                    graph = retry.trace(model, concrete_args=concrete_args)
-                return fx.GraphModule(retry.root, graph, type(model).__name__)
-            except Exception:  # noqa: BLE001 - the first failure is the one to report
-                pass
-        where = (f"module '{tracer.failed_module}' "
-                 f"({type(model.get_submodule(tracer.failed_module)).__name__})"
-                 if tracer.failed_module else f"model {type(model).__name__}")
-        raise UntraceableModelError(
-            f"torch.fx could not trace {where}: {type(exc).__name__}: {exc}. Fix: keep it "
-            f"opaque with leaf_modules=['{tracer.failed_module or '<module name>'}'] (its output "
-            "can still be a site), or fix data-dependent arguments with concrete_args={...}."
-        ) from exc
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    library: tuple[list[type], list[Callable]] | None = None  # not looked at until needed
+    opaque: list[str] = []  # submodules that failed, kept opaque in the next try
+    first: tuple[BaseException, str | None] | None = None
+    while True:
+        modules, functions = library or ([], [])
+        tracer = GndiTracer(leaves + modules + opaque, functions)
+        try:
+            # In eval mode: torch.fx bakes `self.training` into functional calls (torchvision's
+            # stochastic_depth, F.dropout), and a measurement must not be random.
+            with eval_mode(model):
+                graph = tracer.trace(model, concrete_args=concrete_args)
+            break
+        except Exception as exc:  # torch.fx raises many types: TraceError, TypeError, ...
+            first = first or (exc, tracer.failed_module)
+            if library is None:
+                library = library_notrace()
+                if library[0] or library[1]:
+                    continue
+            failed = tracer.failed_module
+            if not failed or failed in opaque or len(opaque) >= _MAX_OPAQUE:
+                raise _untraceable(model, exc, failed, first, library, opaque) from exc
+            opaque.append(failed)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.meta["fxgndi_opaque"] = list(opaque)
+    if opaque:
+        shown = ", ".join(f"'{n}'" for n in opaque[:5]) + (", ..." if len(opaque) > 5 else "")
+        warnings.warn(f"torch.fx could not trace {len(opaque)} submodule(s) of "
+                      f"{type(model).__name__} ({shown}: data-dependent control flow); they are "
+                      "kept opaque: their insides are not sites and the groups read inside "
+                      "them are not pruned. Pass leaf_modules= to choose, or concrete_args= to "
+                      "fix the arguments they branch on", stacklevel=2)
+    return gm
+
+
+_MAX_OPAQUE = 256  # submodules made opaque automatically before giving up
+
+
+def _untraceable(model: nn.Module, exc: BaseException, failed: str | None,
+                 first: tuple[BaseException, str | None],
+                 library: tuple[list[type], list[Callable]] | None,
+                 opaque: list[str]) -> UntraceableModelError:
+    """The error of a model that does not trace even with its failing submodules opaque:
+    where it failed, what was tried, and the fix."""
+    def where(name: str | None) -> str:
+        if not name:
+            return f"{type(model).__name__}'s own forward"
+        return f"module '{name}' ({type(model.get_submodule(name)).__name__})"
+
+    tried = []
+    if library and (library[0] or library[1]):
+        tried.append(f"the {len(library[0])} module classes and {len(library[1])} functions "
+                     "timm registers as untraceable kept opaque")
+    if opaque:
+        tried.append("these submodules kept opaque after they failed: "
+                     + ", ".join(where(n) for n in opaque[:8]) + (", ..." if len(opaque) > 8
+                                                                  else ""))
+    tried_text = f" Tried: {'; '.join(tried)}." if tried else ""
+    first_text = (f" (The first failure was in {where(first[1])}: "
+                  f"{type(first[0]).__name__}: {first[0]}.)" if first[0] is not exc else "")
+    if failed:  # a submodule failed again although it is opaque, or too many failed
+        fix = (f"keep it opaque with leaf_modules=['{failed}'] (its output can still be a "
+               "site), or fix data-dependent arguments with concrete_args={...}")
+    else:
+        fix = ("fix data-dependent arguments with concrete_args={...}, make a function the "
+               "forward calls one opaque call with torch.fx.wrap, or trace a traceable part of "
+               "the model on its own (e.g. prune(model.backbone, ...))")
+    return UntraceableModelError(
+        f"torch.fx could not trace {where(failed)}: {type(exc).__name__}: {exc}."
+        f"{tried_text}{first_text} Fix: {fix}.")
 
 
 def library_notrace() -> tuple[list[type], list[Callable]]:

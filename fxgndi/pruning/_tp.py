@@ -9,6 +9,11 @@ to round each layer to its own multiple: :func:`make_pruner`). They are reached 
 the functions here, checked against the versions fxgndi was tested with (:data:`TESTED`): on
 another version a missing internal is a clear error naming it.
 
+torch-pruning 1.6 reads every 5-D ``expand`` as grouped-query attention, and its index map
+divides by zero on a broadcast (timm's GCViT and Hiera: no group can be formed at all); on the
+tested versions its index-map update is wrapped once, at import, to drop just those maps
+(:func:`_drop_broadcast_gqa`).
+
 Example:
     >>> tested_version()
     True
@@ -16,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -336,3 +342,37 @@ def group_modules(dg: Any, module: nn.Module, outputs: bool = True
         if isinstance(target, nn.Module):
             found[(target, bool(prunes_outputs(dg, handler)))] = None
     return list(found)
+
+
+def _drop_broadcast_gqa(original: Callable) -> Callable:
+    """torch-pruning's index-map update, then without the grouped-query-attention maps it made
+    for a 5-D ``expand`` that is not one (it reads every such expand as Hugging Face's
+    ``repeat_kv``; on a broadcast the repeat comes out 0 and the map divides by zero): an
+    expand along the batch or tokens keeps the channels, so those get no map."""
+    mapping_type = tp.dependency.index_mapping._GQAIndexMapping
+
+    @functools.wraps(original)
+    def update(graph: Any) -> None:
+        original(graph)
+        expands = [n for n in graph.module2node.values() if n.type == tp.ops.OPTYPE.EXPAND]
+        for node in expands:  # the maps are on the expand's dependencies and its inputs'
+            for dep in [*node.dependencies, *(d for n in node.inputs for d in n.dependencies)]:
+                for k, mapping in enumerate(dep.index_mapping):
+                    if isinstance(mapping, mapping_type) and not (
+                            mapping.repeat >= 1 and mapping.head_dim >= 1):
+                        dep.index_mapping[k] = None
+    return update
+
+
+def _patch_index_mapping() -> None:
+    index_mapping = getattr(getattr(tp, "dependency", None), "index_mapping", None)
+    names = ("update_index_mapping", "_GQAIndexMapping")
+    if index_mapping is None or not all(hasattr(index_mapping, n) for n in names) \
+            or getattr(index_mapping, "_fxgndi_patched", False):
+        return
+    index_mapping.update_index_mapping = _drop_broadcast_gqa(index_mapping.update_index_mapping)
+    index_mapping._fxgndi_patched = True
+
+
+if tested_version():
+    _patch_index_mapping()

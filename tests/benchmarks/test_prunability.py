@@ -37,3 +37,23 @@ def test_timm_row_prunes_and_runs():
 def test_unknown_zoo_is_refused():
     with pytest.raises(ValueError, match="unknown zoo 'keras': use one of torchvision"):
         bench.zoo_models("keras")
+
+
+def test_summary_counts_each_failure_cause_once():
+    rows = [{"model": "a", "forward": True},
+            {"model": "c", "forward": False, "error": "timeout after 600.0 s"},
+            {"model": "b", "forward": False, "error": "timeout after 600.0 s"},
+            {"model": "d", "forward": False,
+             "error": "trace: UntraceableModelError: torch.fx could not trace X's own forward"},
+            {"model": "e", "forward": False, "error": "prune: FxgndiError: torch-pruning 1.6.0 "
+             "could not build the dependency graph of CspNet: TypeError: ..."},
+            {"model": "f", "forward": False, "error": "prune: FxgndiError: the pruned Hiera "
+             "fails its forward on example_inputs (RuntimeError: shape ...)"},
+            {"model": "g", "forward": False, "error": "prune: AttributeError: 'NoneType'"}]
+    assert bench.summary(rows).splitlines() == [
+        "1 of 7 pruned and ran a forward pass",
+        "timeout (2): b, c",
+        "untraceable by torch.fx (1): d",
+        "torch-pruning's dependency graph (1): e",
+        "pruned model fails its forward (1): f",
+        "other prune error (1): g"]

@@ -139,11 +139,21 @@ class Branchy(nn.Module):
         return -x
 
 
-def test_untraceable_model_names_the_module_and_the_fix():
-    with pytest.raises(UntraceableModelError, match=r"'inner' \(Branchy\).*leaf_modules"):
-        fxgndi.intervene(Untraceable(), "linear")
+def test_an_untraceable_submodule_is_kept_opaque_and_says_so():
+    with pytest.warns(UserWarning, match=r"of Untraceable \('inner'.*leaf_modules="):
+        g = fxgndi.intervene(Untraceable(), "linear")
+    assert g.site_names == ["fc"]
     g = fxgndi.intervene(Untraceable(), ["inner", "linear"], leaf_modules=["inner"])
     assert g.site_names == ["inner", "fc"]
+
+
+def test_an_untraceable_forward_names_what_was_tried_and_the_fix():
+    class Top(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(UntraceableModelError, match=r"Top's own forward.*concrete_args"):
+        fxgndi.intervene(Top(), "linear")
 
 
 def test_trace_is_taken_in_eval_mode():

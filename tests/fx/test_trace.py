@@ -1,5 +1,5 @@
-"""The tracer's retry with a model library's notrace registry (timm's), faked here so that the
-test needs no timm."""
+"""The tracer's retries: with a model library's notrace registry (timm's, faked here so that the
+test needs no timm), then with each failing submodule kept opaque."""
 
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ def test_untraceable_model_traces_with_the_library_registry(monkeypatch):
     model = Net().eval()
     for name in ("timm.layers._fx", "timm.models._features_fx"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    with pytest.raises(UntraceableModelError, match="module 'gate' \\(Gate\\)"):
-        trace(model)
+    with pytest.raises(UntraceableModelError, match="Net's own forward.*module 'gate' \\(Gate\\)"):
+        trace(model)  # gate alone would be made opaque; half() in Net's forward still fails
     monkeypatch.setitem(sys.modules, "timm.layers._fx", _registry([Gate], [half]))
     gm = trace(model)
     calls = [(n.op, n.target) for n in gm.graph.nodes if n.op.startswith("call")]
@@ -60,5 +60,69 @@ def test_untraceable_model_traces_with_the_library_registry(monkeypatch):
 
 def test_a_registry_that_does_not_cover_the_failure_reports_the_first_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm.layers._fx", _registry([Gate], []))
-    with pytest.raises(UntraceableModelError, match="Fix: keep it opaque"):
+    with pytest.raises(UntraceableModelError, match="Net's own forward.*Tried: the 1 module "
+                       "classes and 0 functions timm registers"):
         trace(Net())  # half() still breaks the trace
+
+
+class Block(nn.Module):
+    """A traceable block around an untraceable gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.gate = Gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.conv(x)) + x
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.block1, self.block2 = Block(), Block()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block2(self.block1(self.stem(x)))
+
+
+def _no_registry(monkeypatch) -> None:
+    for name in ("timm.layers._fx", "timm.models._features_fx"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+
+
+def test_failing_submodules_are_kept_opaque_and_the_rest_is_traced(monkeypatch):
+    _no_registry(monkeypatch)
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    with pytest.warns(UserWarning, match=r"2 submodule\(s\) of TwoBlocks \('block1.gate', "
+                                         r"'block2.gate'"):
+        gm = trace(model)
+    assert gm.meta["fxgndi_opaque"] == ["block1.gate", "block2.gate"]
+    modules = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert modules == ["stem", "block1.conv", "block1.gate", "block2.conv", "block2.gate"]
+    # The opaque gates still branch at run time: with zero weights each block's conv outputs
+    # its bias, which the gate turns positive whichever its sign, so the model is stem(x) + 2.
+    x = torch.randn(2, 3, 4, 4)
+    for sign in (1.0, -1.0):
+        for block in (model.block1, model.block2):
+            block.conv.weight.data.zero_()
+            block.conv.bias.data.fill_(sign)
+        torch.testing.assert_close(gm(x), model.stem(x) + 2)
+
+
+def test_a_traceable_model_records_no_opaque_module():
+    gm = trace(TwoBlocks(), leaf_modules=[Gate])
+    assert gm.meta["fxgndi_opaque"] == []
+
+
+def test_an_untraceable_top_level_says_what_was_tried(monkeypatch):
+    _no_registry(monkeypatch)
+    with pytest.raises(UntraceableModelError) as err:
+        trace(Net())  # gate is made opaque, then half() in Net's own forward fails
+    message = str(err.value)
+    assert "could not trace Net's own forward" in message
+    assert "Tried: these submodules kept opaque after they failed: module 'gate' (Gate)" in message
+    assert "The first failure was in module 'gate' (Gate)" in message
+    assert "torch.fx.wrap" in message and "concrete_args" in message

@@ -143,3 +143,45 @@ def test_prune_refuses_an_unreduced_importance():
     model, data = _feature_net()
     with pytest.raises(ValueError, match=r"returned \(1, 6\) scores .* \(1-D\)"):
         prune(model, data, importance=GNDIImportance(data, group_reduction=None), repair=False)
+
+
+class Gated(nn.Module):
+    """A conv behind data-dependent control flow: torch.fx keeps it opaque."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y if y.mean() > 0 else -y
+
+
+class GatedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.gated = Gated()
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(torch.relu(self.gated(torch.relu(self.bn1(self.conv1(x))))))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_prune_prunes_around_a_submodule_torch_fx_cannot_trace():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(GatedNet())
+    data = [(torch.randn(4, 2, 5, 5), torch.randint(0, 3, (4,))) for _ in range(2)]
+    with pytest.warns(UserWarning, match="'gated'"):
+        result = prune(model, data, sparsity=0.5, repair=False)
+    # conv1's channels are read inside the opaque module: kept, and said why; gated.conv's
+    # are read by conv2 (tapped outside it) and conv2's by fc: both halved.
+    assert result.channels == {"conv1": (6, 6), "gated.conv": (6, 3), "conv2": (8, 4),
+                               "fc": (3, 3)}
+    assert set(result.skipped) == {"conv1"}
+    assert "'gated.conv' reads its channels but is not a conv or linear layer called in the " \
+           "traced graph" in result.skipped["conv1"]
+    assert result.model(data[0][0]).shape == (4, 3)
+    assert model.gated.conv.out_channels == 6  # the user's model is not touched

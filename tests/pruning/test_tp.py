@@ -5,6 +5,8 @@ from __future__ import annotations
 import pathlib
 import re
 
+import torch
+import torch.nn as nn
 import torch_pruning as tp
 
 from fxgndi.pruning import _tp
@@ -35,3 +37,44 @@ def test_missing_internal_names_itself():
         assert "Stub._DG" in str(exc) and "torch-pruning" in str(exc)
     else:
         raise AssertionError("no error")
+
+
+class GlobalQuery(nn.Module):
+    """A per-head query (5-D, as GCViT's global query) broadcast over the batch: with
+    ``expand`` or implicitly; torch-pruning 1.6 reads the 5-D expand as grouped-query attention
+    and divides by zero."""
+
+    def __init__(self, expand: bool) -> None:
+        super().__init__()
+        self.expand = expand
+        self.embed, self.query, self.head = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 4, 3]
+        h = self.embed(x)
+        q = self.query(h[:1]).reshape(1, 2, 1, 4, 4)
+        if self.expand:
+            q = q.expand(x.shape[0], 2, 1, 4, 4)
+        a = (q * h.reshape(-1, 2, 1, 4, 4)).sum(1).reshape(-1, 4, 4)
+        return self.head(a).mean(1)
+
+
+def _layer_ops(model: nn.Module, root: nn.Module) -> set[tuple[str, str, tuple[int, ...]]]:
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(2, 4, 3))
+    group = dg.get_pruning_group(root, tp.prune_linear_out_channels, [0, 5])
+    names = {m: n for n, m in model.named_modules()}
+    return {(names[dep.target.module], dep.handler.__name__, tuple(int(i) for i in idxs))
+            for dep, idxs in group if dep.target.module in names}
+
+
+def test_a_broadcast_5d_expand_groups_as_the_implicit_broadcast():
+    torch.manual_seed(0)
+    expanded, implicit = GlobalQuery(expand=True), GlobalQuery(expand=False)
+    implicit.load_state_dict(expanded.state_dict())
+    x = torch.randn(2, 4, 3)
+    torch.testing.assert_close(expanded(x), implicit(x))
+    for root in ("embed", "query"):
+        ops = _layer_ops(expanded, expanded.get_submodule(root))
+        assert ops == _layer_ops(implicit, implicit.get_submodule(root))
+        # the query's channels multiply the embedding's: one group, the same indices
+        assert {("embed", "prune_out_channels", (0, 5)),
+                ("query", "prune_out_channels", (0, 5))} <= ops
