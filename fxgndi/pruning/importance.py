@@ -19,6 +19,11 @@ member is "last" in branching groups (DenseNet concatenations, ConvNeXt residual
 
 Per group and sample, the K-vector tangents of all the group's taps are summed per root channel
 (linearity: one alpha drives all of them) before the p-norm; the score is the mean over samples.
+Where a reshape makes several root units one consumer channel (``Linear -> view -> conv``),
+torch-pruning removes the whole block of units for any unit it selects, so the block is what is
+scored (its units' tangents summed), and the scores of its units are laid out so that
+torch-pruning never selects two units of one block (:meth:`GroupPlan.unit_scores`: it would
+keep the consumer's channel twice in its count and return a model whose forward fails).
 All tangents come from one channel-granularity InterventionGraph by vector-Jacobian products,
 shared by every group: K per batch (one per readout output), or, for a wide head (an ImageNet
 classifier: K = 1000), R Rademacher projections of the readout (``mode="probe"``, chosen by
@@ -76,8 +81,10 @@ CACHED_MODELS = 8  # scored models kept: the dense model and those of a few iter
 
 @dataclass
 class GroupPlan:
-    """Where a group's channels are read: per entry, tap channel ``channels[i]`` carries root
-    channel ``positions[i]`` (an index into the group's root idxs, ``size`` of them).
+    """Where a group's channels are read: per entry, tap channel ``channels[i]`` carries scored
+    position ``positions[i]`` (``size`` of them): a root channel (an index into the group's
+    root idxs), or, where a reshape makes several root units one consumer channel, a *block*
+    of them (``blocks[k]``: the block of root unit ``k``; see :meth:`unit_scores`).
 
     Example:
         >>> GroupPlan(2, [("t", torch.tensor([0, 1]), torch.tensor([1, 0]))]).size
@@ -86,6 +93,35 @@ class GroupPlan:
 
     size: int
     entries: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    blocks: torch.Tensor | None = None
+
+    def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """One score per root unit from the ``size`` scored positions: the scores themselves,
+        or, for blocks, the block's score at its first unit and, at its other units, the
+        block's score plus an offset above every block's score (twice the largest, or 1).
+
+        Why: torch-pruning removes a unit's whole block (every unit one consumer channel
+        reads) for each unit it selects, and with two selected units in one block its
+        consumer's item keeps that channel twice, unless a second pass over the graph happens
+        to list it in another order (Python's set order): the consumer's ``in_channels`` then
+        falls by the number of units, its weight by the number of blocks, and the pruned
+        model's forward fails. Any ``n`` lowest of these scores, up to one per block, lie in
+        ``n`` different blocks, chosen by the effect of removing the block.
+
+        Example:
+            >>> plan = GroupPlan(2, blocks=torch.tensor([0, 0, 1, 1]))
+            >>> plan.unit_scores(torch.tensor([3.0, 1.0]))
+            tensor([3., 9., 1., 7.])
+        """
+        if self.blocks is None:
+            return scores
+        top = float(scores.max()) if scores.numel() else 0.0
+        per_unit = scores[self.blocks] + (2 * top if top > 0 else 1.0)
+        units = torch.arange(len(self.blocks))
+        first = torch.full((self.size,), len(self.blocks), dtype=torch.long)
+        first.scatter_reduce_(0, self.blocks, units, reduce="amin")  # every block has a unit
+        per_unit[first] = scores
+        return per_unit
 
 
 class UnscorableGroup(FxgndiError, ValueError):
@@ -106,6 +142,11 @@ def plan_group(group: Any, names: dict[nn.Module, str], taps_of: dict[str, list[
     flattened into a Linear needs nothing special: torch-pruning maps each channel to all of
     its features.)
 
+    Such a group is scored per *block*: the units one consumer channel reads (joined across
+    consumers), all removed at once, as torch-pruning removes them (selecting any unit of a
+    block prunes the consumer's channel and so, through the reshape, every unit of the
+    block); :meth:`GroupPlan.unit_scores` says how each unit's score is then given.
+
     Raises :class:`UnscorableGroup` (the reason) when a consumer of the group cannot be tapped,
     its units have no element map, the group has no consumer, or torch-pruning maps a unit
     past the input its consumer reads.
@@ -116,6 +157,7 @@ def plan_group(group: Any, names: dict[nn.Module, str], taps_of: dict[str, list[
     root_idxs = [int(i) for i in group[0].idxs]
     position = {r: k for k, r in enumerate(root_idxs)}
     per_tap: dict[str, dict[tuple[int, int], None]] = {}  # ordered sets of (tap channel, pos)
+    shared: dict[tuple[str, int], list[int]] = {}  # (consumer, channel) -> positions it reads
     elements = element_reads(group)
     for layer, idxs, roots in consumer_items(group):
         name = names.get(layer, str(layer))
@@ -148,20 +190,52 @@ def plan_group(group: Any, names: dict[nn.Module, str], taps_of: dict[str, list[
             pairs = per_tap.setdefault(tap.name, {})
             if layer in elements:
                 _add_elements(pairs, tap, elements[layer], dict(zip(roots, idxs)), position,
-                              width, channels[tap.name], name)
+                              width, channels[tap.name], name, shared)
                 continue
             for i, r in zip(idxs, roots):
                 if r not in position:
                     continue
                 for c in _elements_of(tap, i, width, channels[tap.name]):
                     pairs[(c, position[r])] = None
+    blocks = _blocks(len(root_idxs), shared.values())
+    if blocks is not None:  # score blocks: each entry's position becomes its unit's block
+        per_tap = {t: {(c, int(blocks[q])): None for c, q in pairs}
+                   for t, pairs in per_tap.items()}
     entries = [(t, torch.tensor([c for c, _ in pairs], dtype=torch.long),
                 torch.tensor([q for _, q in pairs], dtype=torch.long))
                for t, pairs in per_tap.items() if pairs]
     if not entries:
         raise UnscorableGroup("no conv or linear layer reads its channels (they reach the model "
                               "output directly), so G-NDI has no consumer input to intervene on")
-    return GroupPlan(len(root_idxs), entries)
+    if blocks is None:
+        return GroupPlan(len(root_idxs), entries)
+    return GroupPlan(int(blocks.max()) + 1, entries, blocks)
+
+
+def _blocks(size: int, shared: Iterable[list[int]]) -> torch.Tensor | None:
+    """The block of each of ``size`` positions, numbered in order of their first position,
+    where each list of ``shared`` (the positions one consumer channel reads) is in one block;
+    None when no two positions share one."""
+    parent = list(range(size))
+
+    def find(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    merged = False
+    for members in shared:
+        a = find(members[0])
+        for m in members[1:]:
+            b = find(m)
+            if a != b:
+                parent[b], merged = a, True
+    if not merged:
+        return None
+    ids: dict[int, int] = {}
+    return torch.tensor([ids.setdefault(find(k), len(ids)) for k in range(size)],
+                        dtype=torch.long)
 
 
 def _elements_of(tap: Tap, channel: int, width: int, size: int) -> range:
@@ -177,9 +251,10 @@ def _elements_of(tap: Tap, channel: int, width: int, size: int) -> range:
 
 def _add_elements(pairs: dict[tuple[int, int], None], tap: Tap, reads: list[tuple[int, int]],
                   channel_of_root: dict[int, int], position: dict[int, int], width: int,
-                  size: int, name: str) -> None:
+                  size: int, name: str, shared: dict[tuple[str, int], list[int]]) -> None:
     """Add one flat-tap element per root unit (``reads``: (flat element, root)), after checking
-    that each element lies in the input channel torch-pruning maps its unit to."""
+    that each element lies in the input channel torch-pruning maps its unit to; ``shared``
+    collects the positions each input channel of the layer reads."""
     if not tap.flat or size % width:
         raise ValueError(f"internal: '{name}' needs a flat tap of a multiple of {width} elements")
     for element, r in reads:
@@ -190,6 +265,7 @@ def _add_elements(pairs: dict[tuple[int, int], None], tap: Tap, reads: list[tupl
             raise UnscorableGroup(f"'{name}' reads its units through a reshape whose element "
                                   "order fxgndi cannot follow (unit and channel disagree)")
         pairs[(element, position[r])] = None
+        shared.setdefault((name, channel), []).append(position[r])
 
 
 def group_tangents(tangents: dict[str, torch.Tensor], plan: GroupPlan) -> torch.Tensor:
@@ -515,7 +591,7 @@ class GroupEffectImportance(tp.importance.Importance):
             values = m.mean.to(torch.float32).cpu()
             check_finite(values, f"the {self.name} importance of the group rooted at "
                          f"'{key[0]}'", fix="check the model's activations on this data")
-            out[key] = values
+            out[key] = plans[key].unit_scores(values)
         return out
 
 
