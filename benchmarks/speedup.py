@@ -278,7 +278,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> int:
     """Print the table, what torch.compile did, the slower-than-dense rows; draw the figure."""
     lines = speedup_rows(results)
     print(format_table(lines, HEADERS, floatfmt=".3g"))
-    print("speed-up = dense median latency / pruned median latency in the same runtime; MAC "
+    print("speed-up = the median over rounds of alternated calls of dense / pruned latency in "
+          "the same runtime; MAC "
           "ratio = dense MACs / pruned MACs (torch-pruning's count); pruned vs dense eager = "
           "dense eager latency / pruned latency in this runtime; target: what the sparsity removed "
           "(macs, or latency on the --latency-runtime at --latency-batch). Which channels are "
