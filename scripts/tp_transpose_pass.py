@@ -3,19 +3,32 @@ scripts/tp_suite.py substitutes it (one random batch of example_inputs' shape, d
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/tp_transpose_pass.py [PASSES]
 """
-import sys, time, torch, torch.nn as nn, torch.nn.functional as F
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 import torch_pruning as tp
+
 from fxgndi.pruning.importance import GNDIImportance
+
 
 class TransposeModel(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1); self.bn1 = nn.BatchNorm2d(16)
-        self.conv2 = nn.ConvTranspose2d(16, 64, 2, stride=2); self.bn2 = nn.BatchNorm2d(64)
-        self.conv3 = nn.Conv2d(64, 8, 3, 1, 1); self.bn3 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.ConvTranspose2d(16, 64, 2, stride=2)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.conv3 = nn.Conv2d(64, 8, 3, 1, 1)
+        self.bn3 = nn.BatchNorm2d(8)
+
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x))); x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
         return F.relu(self.bn3(self.conv3(x)))
+
 
 torch.manual_seed(0)
 model = TransposeModel()
