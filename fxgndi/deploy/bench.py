@@ -20,13 +20,17 @@ the caching allocator's reserve). On CPU, the rise of the process's resident set
 above its level before the first call: Linux's ``VmHWM``
 after resetting it through ``/proc/self/clear_refs``; elsewhere ``resource.getrusage``'s
 ``ru_maxrss``, which only shows a rise above the process's earlier peak (a lower bound, often
-0). RSS counts every allocation of the process, onnxruntime's arenas included; memory the
-allocator keeps from earlier entries is not counted again.
+0). RSS counts every allocation of the process, onnxruntime's arenas included. Before each
+entry, glibc's free pages are handed back to the kernel (``malloc_trim``) so that memory freed by
+earlier entries and reused by this one is counted; memory other allocators keep (onnxruntime's
+arenas) is not counted again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import resource
 import statistics
@@ -439,6 +443,7 @@ def _peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
         yield out
         out["mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
         return
+    _trim_free_memory()
     if _can_reset_hwm():
         before = _status_kb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
@@ -449,6 +454,16 @@ def _peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
     before = _maxrss_kb()
     yield out
     out["mb"] = max(0, _maxrss_kb() - before) / 1024
+
+
+def _trim_free_memory() -> None:
+    """Returns glibc's free heap pages to the kernel: a freed block that stays resident would be
+    reused without any rise of the RSS. A no-op where libc has no ``malloc_trim``."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        libc.malloc_trim(ctypes.c_size_t(0))
+    except (OSError, AttributeError):
+        pass
 
 
 def _can_reset_hwm() -> bool:
