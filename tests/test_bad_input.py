@@ -133,6 +133,15 @@ def test_empty_dataloader_is_a_data_error(tiny):
         fxgndi.ablate(tiny, empty, metric="logit_l2", progress=False)
 
 
+@pytest.mark.parametrize("verb", ["score", "prune"])
+def test_one_tensor_as_data_is_a_data_error(tiny, verb):
+    x = torch.randn(4, 2, 6, 6)
+    call = {"score": lambda: fxgndi.score(tiny, x, progress=False),
+            "prune": lambda: fxgndi.prune(tiny, x, importance="l1", progress=False)}[verb]
+    with pytest.raises(DataError, match=r"one Tensor, not an iterable of batches.*\[\(x, y\)\]"):
+        call()
+
+
 # --- outputs -------------------------------------------------------------------------------
 
 def test_cli_unwritable_output_fails_before_any_work(capsys, tmp_path):

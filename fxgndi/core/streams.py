@@ -205,6 +205,10 @@ def iter_batches(data: Iterable, *, device: torch.device | str | None = None,
     """
     if data is None:
         raise DataError(f"{why or 'this computation'} needs data: pass an iterable of (x, y)")
+    if isinstance(data, (torch.Tensor, Inputs)):
+        raise DataError(f"the data is one {type(data).__name__}, not an iterable of batches "
+                        "(iterating it would read each sample as a batch): pass [x], [(x, y)] "
+                        "or a DataLoader")
     if max_batches is not None and max_batches < 1:
         raise DataError(f"max_batches must be >= 1 or None, not {max_batches}")
     count = 0
