@@ -33,7 +33,7 @@ from fxgndi.fx.analysis import analyze, facts, feeds
 from fxgndi.fx.intervention import intervene
 from fxgndi.fx.sites import describe_nodes
 from fxgndi.fx.trace import trace
-from fxgndi.deploy.latency import Latency, latency_target
+from fxgndi.deploy.latency import Latency, confirmed, latency_target
 from fxgndi.gndi.estimate import ablate, score
 from fxgndi.pruning.repair import Repair, as_repair, repair_model
 from fxgndi.pruning.result import DepthPruneResult
@@ -45,6 +45,7 @@ IMPORTANCES = DEPTH_IMPORTANCES
 TARGETS = DEPTH_TARGETS
 BASELINES = DEPTH_BASELINES
 _BUFFER_PREFIX = "fxgndi_depth_mean_"
+_NEAR = 0.05  # a latency reading this close to the sparsity is confirmed before it stops
 
 
 @dataclass
@@ -356,7 +357,9 @@ def _stop_rule(n_blocks: int | None, sparsity: float | None, measure: _Measure,
             f"removing all {n_candidates} removable blocks cuts only {most:.1%} of the "
             f"{measure.target}, short of sparsity={sparsity}: lower the sparsity, or combine "
             "with channel pruning (fxgndi.prune) for the rest")
-    return lambda removed: bool(removed) and measure(gm) >= sparsity
+    reached = confirmed(measure, sparsity, near=_NEAR) if measure.target == "latency" \
+        else measure
+    return lambda removed: bool(removed) and reached(gm) >= sparsity
 
 
 def _check_arguments(n_blocks: int | None, target: str | None, sparsity: float | None,

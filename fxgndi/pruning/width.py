@@ -36,7 +36,7 @@ from fxgndi.pruning import architectures
 from fxgndi.pruning._tp import (RoundLayer, channel_groups, graph_of, make_pruner,
                                 prunes_inputs, prunes_outputs)
 from fxgndi.pruning.compensate import compensate_group, consumer_input_means
-from fxgndi.deploy.latency import Latency, latency_target
+from fxgndi.deploy.latency import READINGS, Latency, confirmed, latency_target
 from fxgndi.pruning.latency import PerLatency, layer_latencies
 from fxgndi.pruning.importance import (AblationImportance, GNDIImportance,
                                        GroupEffectImportance, check_importance_length)
@@ -76,9 +76,11 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
             or ``"latency"`` / a :class:`fxgndi.Latency` (the runtime, batch size and threads it
             is measured on; ``"latency"``: eager, batch 1): the channel ratio is searched by
             bisection until the removed fraction is within ``tolerance``, absolute, of
-            ``sparsity`` (default 0.02; 0.05 for latency, which is measured). With a latency
-            target and ``global_pruning=True`` every group's scores are divided by the latency
-            one of its channels costs (:mod:`fxgndi.pruning.latency`).
+            ``sparsity`` (default 0.02; 0.05 for latency, which is measured: a latency reading
+            within twice the tolerance is taken three times and their median decides, and
+            ``settings["latency"]`` is one final reading of three times the rounds). With a
+            latency target and ``global_pruning=True`` every group's scores are divided by the
+            latency one of its channels costs (:mod:`fxgndi.pruning.latency`).
         importance: ``"gndi"`` (:class:`GNDIImportance`), ``"ablation"``
             (:class:`AblationImportance`), torch-pruning's ``"l1"``, ``"l2"``,
             ``"weight_taylor"``, ``"hessian"``, ``"lamp"``, ``"bn"``, ``"fpgm"``,
@@ -204,7 +206,8 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
         if target == "channels":
             return sparsity, *run_once(sparsity, between=repair_between is not None)
         if latency is not None:  # timed against the dense model, in alternation
-            measure = lambda m: 1 - latency.ratio(m, model, example)  # noqa: E731
+            measure = confirmed(lambda m: 1 - latency.ratio(m, model, example), sparsity,
+                                near=2 * tolerance)
         else:
             measure = _reduction_measure(target, macs0 if target == "macs" else params0,
                                          example)
@@ -291,8 +294,9 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
                                           for w in widths if w.attribute}),
                 "architectures": plan.families}
     if latency is not None:
+        final = replace(latency, repeat=latency.repeat * READINGS)
         settings["latency"] = {**asdict(latency),
-                               **latency.compare(pruned, dense, example)._asdict()}
+                               **final.compare(pruned, dense, example)._asdict()}
     if isinstance(base, GroupEffectImportance):
         settings["importance_options"].update(base.options())
         settings["scoring_seconds"] = base.seconds
