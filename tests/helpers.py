@@ -4,7 +4,7 @@ independent of fxgndi (plain PyTorch)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -109,3 +109,48 @@ def hooked_gndi(model: nn.Module, module: nn.Module, batches, points=(0.0,)) -> 
             tangents.append(t)
         norms.append(torch.stack(tangents).mean(0).norm(dim=-1))
     return torch.cat(norms).mean().item()
+
+
+def channel_dim(module: nn.Module) -> int:
+    """Where a module's channels lie: the last dim for nn.Linear, dim 1 otherwise."""
+    return -1 if isinstance(module, nn.Linear) else 1
+
+
+def removed_channels(model: nn.Module, kept: Mapping[str, Sequence[int]], side: str = "out"
+                     ) -> dict[str, list[int]]:
+    """Per conv / linear layer named in ``kept``: its ``side`` ("in" or "out") channels that
+    ``kept`` does not list (those pruning removed)."""
+    gone = {}
+    for name, idx in kept.items():
+        layer = model.get_submodule(name)
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            conv = isinstance(layer, nn.Conv2d)
+            width = (layer.in_channels if conv else layer.in_features) if side == "in" else \
+                (layer.out_channels if conv else layer.out_features)
+            gone[name] = sorted(set(range(width)) - set(idx))
+    return gone
+
+
+def zeroed_output(model: nn.Module, x: torch.Tensor, *,
+                  inputs: Mapping[str, Sequence[int]] = {},
+                  outputs: Mapping[str, Sequence[int]] = {}) -> torch.Tensor:
+    """``model(x)`` without gradients with channels zeroed: ``inputs[name]`` where module
+    ``name`` reads them (forward pre-hook), ``outputs[name]`` where it writes them (forward
+    hook), in :func:`channel_dim`. Plain PyTorch: what removing those channels must equal where
+    nothing between writer and reader normalises over channels."""
+    def fill(t: torch.Tensor, idx: Sequence[int], dim: int) -> torch.Tensor:
+        return t.index_fill(dim % t.dim(), torch.tensor(list(idx), dtype=torch.long), 0)
+
+    with contextlib.ExitStack() as stack:
+        for name, idx in inputs.items():
+            if idx:
+                m = model.get_submodule(name)
+                stack.enter_context(m.register_forward_pre_hook(
+                    lambda m, a, idx=idx: (fill(a[0], idx, channel_dim(m)), *a[1:])))
+        for name, idx in outputs.items():
+            if idx:
+                m = model.get_submodule(name)
+                stack.enter_context(m.register_forward_hook(
+                    lambda m, a, out, idx=idx: fill(out, idx, channel_dim(m))))
+        with torch.no_grad():
+            return model(x)

@@ -3,14 +3,17 @@ its batches (shards of a distributed run, the rest of a resumed one)."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
+import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from fxgndi.core.errors import DataError
+from fxgndi.core.runtime import eval_mode
 
 
 BATCH_RULE = ("a batch is the model's inputs, or (inputs, labels), or {'x': inputs, 'y': "
@@ -118,6 +121,25 @@ def call_model(model: Any, x: Any, **kwargs: Any) -> Any:
     if isinstance(x, Inputs):
         return model(*x.args, **x.kwargs, **kwargs)
     return model(x, **kwargs)
+
+
+def call_hooked(model: nn.Module, x: Any, hooks: Mapping[nn.Module, Callable[..., Any]]
+                ) -> Any:
+    """``model(x)`` once, in eval mode and without gradients, with each module of ``hooks``
+    carrying its forward hook for that call only (removed after it, also on an error).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+        >>> seen = []
+        >>> _ = call_hooked(net, torch.zeros(2, 4), {net[0]: lambda m, a, out: seen.append(out)})
+        >>> seen[0].shape
+        torch.Size([2, 3])
+    """
+    with contextlib.ExitStack() as stack:
+        for module, hook in hooks.items():
+            stack.enter_context(module.register_forward_hook(hook))
+        with eval_mode(model), torch.no_grad():
+            return call_model(model, x)
 
 
 def input_arity(model: Any) -> int:

@@ -19,8 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxgndi.core.layers import LAYERS, input_channel_dim
-from fxgndi.core.runtime import eval_mode
-from fxgndi.core.streams import call_model
+from fxgndi.core.streams import call_hooked
 from fxgndi.fx.trace import trace
 
 TAP_PREFIX = "fxgndi_tap_"
@@ -123,12 +122,6 @@ def mark_folded(gm: fx.GraphModule, taps: Sequence[Tap], batch: Any) -> None:
             seen.setdefault(name, int(out.shape[0]))
         return hook
 
-    hooks = [gm.get_submodule(t.name).register_forward_hook(record(t.name)) for t in taps]
-    try:
-        with eval_mode(gm), torch.no_grad():
-            call_model(gm, batch)
-    finally:
-        for h in hooks:
-            h.remove()
+    call_hooked(gm, batch, {gm.get_submodule(t.name): record(t.name) for t in taps})
     for t in taps:
         t.folded = t.name in seen and seen[t.name] != samples

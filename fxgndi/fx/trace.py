@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import sys
 import warnings
 from typing import Any, Callable, Iterable
@@ -62,11 +63,14 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
     A model that does not trace is traced again, first with the modules and functions its
     library (timm) registers as untraceable kept opaque (:func:`library_notrace`), then with
     each submodule that still fails (data-dependent control flow in its forward) kept opaque
-    too, one at a time, innermost first. Such a module's insides are not sites and the groups
-    read inside it cannot be scored (``GNDIImportance`` returns None for them: ``prune`` keeps
-    their widths); the modules made opaque are listed in ``gm.meta["fxgndi_opaque"]`` and in
-    a warning. Raises UntraceableModelError, saying what was tried, when the model's own
-    forward cannot be traced.
+    too, one at a time, innermost first (before that, forward parameters with a constant
+    default, ``mask=None`` or ``return_features=False``, that ``concrete_args`` leaves open are
+    bound to their defaults, with a warning: a Proxy for a flag breaks ``if mask is not None``;
+    they are in ``gm.meta["fxgndi_bound_defaults"]``). Such a module's insides are not sites
+    and the groups read inside it cannot be scored (``GNDIImportance`` returns None for them:
+    ``prune`` keeps their widths); the modules made opaque are listed in
+    ``gm.meta["fxgndi_opaque"]`` and in a warning. Raises UntraceableModelError, saying what
+    was tried, when the model's own forward cannot be traced.
 
     Example:
         >>> gm = trace(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
@@ -77,6 +81,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
         return fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
     leaves = list(leaf_modules)
     library: tuple[list[type], list[Callable]] | None = None  # not looked at until needed
+    defaults: dict[str, Any] | None = None  # the forward's constant defaults, bound on failure
     opaque: list[str] = []  # submodules that failed, kept opaque in the next try
     first: tuple[BaseException, str | None] | None = None
     while True:
@@ -94,12 +99,22 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
                 library = library_notrace()
                 if library[0] or library[1]:
                     continue
+            if defaults is None:
+                defaults = constant_defaults(model, concrete_args)
+                if defaults:
+                    concrete_args = {**(concrete_args or {}), **defaults}
+                    continue
             failed = tracer.failed_module
             if not failed or failed in opaque or len(opaque) >= _MAX_OPAQUE:
                 raise _untraceable(model, exc, failed, first, library, opaque) from exc
             opaque.append(failed)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["fxgndi_opaque"] = list(opaque)
+    gm.meta["fxgndi_bound_defaults"] = dict(defaults or {})
+    if defaults:
+        warnings.warn(f"{type(model).__name__} traces only with forward's parameters "
+                      f"{defaults} bound to these defaults (they are not inputs of the traced "
+                      "graph); pass concrete_args= to choose other values", stacklevel=2)
     if opaque:
         shown = ", ".join(f"'{n}'" for n in opaque[:5]) + (", ..." if len(opaque) > 5 else "")
         warnings.warn(f"torch.fx could not trace {len(opaque)} submodule(s) of "
@@ -111,6 +126,29 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
 
 
 _MAX_OPAQUE = 256  # submodules made opaque automatically before giving up
+_CONSTANT = (type(None), bool, int, float, str)
+
+
+def constant_defaults(model: nn.Module, concrete_args: dict[str, Any] | None = None
+                      ) -> dict[str, Any]:
+    """The parameters of ``model.forward`` with a constant default (None, a bool, a number, a
+    string) that ``concrete_args`` does not fix, with those defaults: what :func:`trace` binds
+    when the model does not trace with them as inputs.
+
+    Example:
+        >>> class Net(nn.Module):
+        ...     def forward(self, x, mask=None, *, features=False, size=(2, 2)): ...
+        >>> constant_defaults(Net(), {"features": True})
+        {'mask': None}
+    """
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C forward: nothing to bind
+        return {}
+    given = concrete_args or {}
+    return {p.name: p.default for p in parameters
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in given
+            and p.default is not p.empty and isinstance(p.default, _CONSTANT)}
 
 
 def _untraceable(model: nn.Module, exc: BaseException, failed: str | None,

@@ -19,8 +19,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from fxgndi.core.layers import LAYERS, in_width, out_width
-from fxgndi.core.runtime import eval_mode
-from fxgndi.core.streams import call_model
+from fxgndi.core.streams import call_hooked
 from fxgndi.deploy.latency import Latency, median_seconds, repeat_batch
 from fxgndi.pruning._tp import graph_of, prunes_inputs_only, prunes_outputs
 
@@ -59,13 +58,7 @@ def layer_inputs(model: nn.Module, inputs: Any) -> dict[str, tuple[torch.Tensor,
         if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
             seen.setdefault(names[mod], (args[0].detach(), tuple(out.shape)))
 
-    handles = [m.register_forward_hook(hook) for m in names]
-    try:
-        with eval_mode(model), torch.no_grad():
-            call_model(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    call_hooked(model, inputs, dict.fromkeys(names, hook))
     return seen
 
 

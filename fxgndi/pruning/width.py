@@ -27,7 +27,7 @@ from fxgndi.core.layers import BATCHNORMS, LAYERS, in_width, out_width
 from fxgndi.core.names import PRUNE_IMPORTANCES, PRUNE_TARGETS
 from fxgndi.core.options import RunKwargs, RunOptions, run_options
 from fxgndi.core.runtime import device_of, eval_mode
-from fxgndi.core.streams import call_model, example_input, input_arity, iter_batches
+from fxgndi.core.streams import call_hooked, call_model, example_input, input_arity, iter_batches
 from fxgndi.fx.analysis import analyze, facts
 from fxgndi.fx.trace import trace
 from fxgndi.fx.widths import (StaticWidth, forward_failure, shape_widths, static_widths,
@@ -53,6 +53,8 @@ TARGETS = PRUNE_TARGETS
 _TRACKED = (*LAYERS, *BATCHNORMS)
 _MAX_RATIO = 0.95  # torch-pruning refuses to empty a layer; the search stays below
 _UNROUND_TRIES = 4  # finer rounding of the groups that step, one search each, before none
+_LATENCY_AIM = 0.5  # a latency reading within this part of the tolerance is accepted at once
+_NEAR_MISSES = 3  # readings within the tolerance but not the aim, before the closest is taken
 _WIDTH_TRIES = 8  # prunes again with the layers of a failing forward kept, at most this often
 _UNTRACED = "(static widths)"  # the skipped entry of a model torch.fx could not trace
 
@@ -77,7 +79,8 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
             is measured on; ``"latency"``: eager, batch 1): the channel ratio is searched by
             bisection until the removed fraction is within ``tolerance``, absolute, of
             ``sparsity`` (default 0.02; 0.05 for latency, which is measured: a latency reading
-            within twice the tolerance is taken three times and their median decides, and
+            within twice the tolerance is taken three times and their median decides; one within
+            half the tolerance is accepted at once, else the closest of three within it; and
             ``settings["latency"]`` is one final reading of three times the rounds). With a
             latency target and ``global_pruning=True`` every group's scores are divided by the
             latency one of its channels costs (:mod:`fxgndi.pruning.latency`).
@@ -212,8 +215,10 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
             measure = _reduction_measure(target, macs0 if target == "macs" else params0,
                                          example)
         search_between = repair_between is not None and global_pruning
+        aim = tolerance * _LATENCY_AIM if latency is not None else None
         search = lambda: _search_ratio(  # noqa: E731
-            lambda r: run_once(r, between=search_between), measure, sparsity, tolerance, target)
+            lambda r: run_once(r, between=search_between), measure, sparsity, tolerance, target,
+            aim)
         for attempt in range(_UNROUND_TRIES + 1):
             try:
                 ratio, (pruned, kept) = search()
@@ -560,23 +565,35 @@ def _prepare_gradients(importance: tp.importance.Importance, model: nn.Module, d
 
 def _search_ratio(run: Callable[[float], tuple[nn.Module, tuple]],
                   measure: Callable[[nn.Module], float], sparsity: float, tolerance: float,
-                  target: str) -> tuple[float, tuple[nn.Module, tuple]]:
-    """Bisection on the channel ratio until the removed fraction is within ``tolerance``."""
+                  target: str, aim: float | None = None) -> tuple[float, tuple[nn.Module, tuple]]:
+    """Bisection on the channel ratio until the removed fraction is within ``tolerance``.
+
+    A noisy measure (latency) gives an ``aim`` inside the tolerance: a reading within it is
+    accepted at once; after ``_NEAR_MISSES`` readings within the tolerance only, the closest
+    of all is. A true value near the tolerance's edge then does not land outside it on the
+    next reading."""
+    aim = tolerance if aim is None else aim
     guess = min(_MAX_RATIO, 1 - math.sqrt(1 - sparsity))  # both scale with width squared
     lo, hi, ratio = 0.0, _MAX_RATIO, guess
     best: tuple[float, float, tuple[nn.Module, tuple]] | None = None
+    near_misses = 0
     for _ in range(24):
         outcome = run(ratio)
         removed = measure(outcome[0])
         if best is None or abs(removed - sparsity) < abs(best[1] - sparsity):
             best = (ratio, removed, outcome)
-        if abs(removed - sparsity) <= tolerance:
+        if abs(removed - sparsity) <= aim:
             return ratio, outcome
+        near_misses += abs(removed - sparsity) <= tolerance
+        if near_misses >= _NEAR_MISSES:
+            return best[0], best[2]
         lo, hi = (ratio, hi) if removed < sparsity else (lo, ratio)
         if hi - lo < 1e-4:
             break
         ratio = (lo + hi) / 2
     assert best is not None
+    if abs(best[1] - sparsity) <= tolerance:
+        return best[0], best[2]
     raise _Unreachable(
         (lo, hi),
         f"target {target}={sparsity} is unreachable within {tolerance}: the closest was "
@@ -627,14 +644,8 @@ def _ignored_names(model: nn.Module, spec: Any, example: Any, opts: RunOptions) 
 def _last_layer_run(model: nn.Module, example: Any) -> str:
     names = {m: n for n, m in model.named_modules()}
     order: list[str] = []
-    handles = [m.register_forward_hook(lambda mod, a, o: order.append(names[mod]))
-               for m in model.modules() if isinstance(m, LAYERS)]
-    try:
-        with eval_mode(model), torch.no_grad():
-            call_model(model, example)
-    finally:
-        for h in handles:
-            h.remove()
+    call_hooked(model, example, {m: lambda mod, a, o: order.append(names[mod])
+                                 for m in model.modules() if isinstance(m, LAYERS)})
     if not order:
         raise FxgndiError("the model has no conv or linear layer to prune")
     return order[-1]

@@ -19,7 +19,7 @@ from torchvision.models import vision_transformer
 from fxgndi.pruning import architectures
 from fxgndi.pruning.width import prune
 
-from tests.helpers import randomize_batchnorm
+from tests.helpers import randomize_batchnorm, removed_channels, zeroed_output
 
 _LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -35,28 +35,6 @@ def _prune(model: nn.Module, size: int, importance: str = "gndi"):
     # round_to=None: the widths asserted below are the channel ratio's, unrounded
     return prune(model.eval(), data, example_inputs=data[0][0][:1], importance=importance,
                  repair=False, round_to=None), data
-
-
-def _zeroed_reference(model: nn.Module, kept_inputs: dict[str, list[int]], x: torch.Tensor
-                      ) -> torch.Tensor:
-    """The original model's output when every conv / linear layer reads 0 at the inputs that
-    pruning removed from it (forward pre-hooks)."""
-    handles = []
-    for name, layer in model.named_modules():
-        if not isinstance(layer, _LAYERS) or name not in kept_inputs:
-            continue
-        conv = isinstance(layer, nn.Conv2d)
-        mask = torch.zeros(layer.in_channels if conv else layer.in_features)
-        mask[kept_inputs[name]] = 1
-        mask = mask.view(1, -1, 1, 1) if conv else mask
-        handles.append(layer.register_forward_pre_hook(
-            lambda mod, args, mask=mask: (args[0] * mask,)))
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def test_shufflenet_prunes_inside_branches_and_equals_zeroing():
@@ -76,8 +54,8 @@ def test_shufflenet_prunes_inside_branches_and_equals_zeroing():
     assert shufflenetv2.channel_shuffle.__name__ == "channel_shuffle"  # restored
     with torch.no_grad():
         out = r.model(x)
-    torch.testing.assert_close(out, _zeroed_reference(model, r.kept_inputs, x),
-                               rtol=1e-4, atol=1e-5)
+    expected = zeroed_output(model, x, inputs=removed_channels(model, r.kept_inputs, "in"))
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_vit_heads_and_hidden_dim_follow_the_pruned_stream():
@@ -256,7 +234,8 @@ def test_frozen_batchnorm_resnet18_prunes_to_half_its_macs_and_equals_zeroing():
         assert torch.equal(a, b)  # the user's model is untouched
     with torch.no_grad():
         out = r.model(x)
-    torch.testing.assert_close(out, _zeroed_reference(original, r.kept_inputs, x),
+    torch.testing.assert_close(out, zeroed_output(
+        original, x, inputs=removed_channels(original, r.kept_inputs, "in")),
                                rtol=1e-4, atol=1e-5)
     # each frozen norm holds the buffers of the channels its conv kept, in order
     pruned = dict(r.model.named_modules())

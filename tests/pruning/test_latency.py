@@ -85,6 +85,28 @@ def test_a_lucky_first_reading_near_the_target_is_not_accepted(data, monkeypatch
     assert r.settings["latency"]["ratio"] == pytest.approx(1 - removed)
 
 
+def test_a_noisy_search_aims_inside_its_tolerance():
+    """With an aim, a first reading inside the tolerance but near its edge is not accepted;
+    where nothing lands inside the aim, the closest of three near misses is."""
+    from fxgndi.pruning.width import _search_ratio
+
+    def search(removed, aim):
+        runs = []
+
+        def run(ratio):
+            runs.append(ratio)
+            return ratio, None
+        ratio, _ = _search_ratio(run, removed, 0.5, 0.05, "latency", aim=aim)
+        return removed(ratio), len(runs)
+
+    linear = lambda r: 1.8 * r  # noqa: E731
+    assert search(linear, None) == (pytest.approx(1.8 * (1 - 0.5 ** 0.5)), 1)  # 0.527, at once
+    got, runs = search(linear, 0.025)
+    assert abs(got - 0.5) <= 0.025 and runs > 1
+    step = lambda r: 0.46 if r < 0.3 else 0.545  # noqa: E731
+    assert search(step, 0.025) == (0.46, 3)
+
+
 def test_global_pruning_takes_more_of_the_expensive_channels(data, monkeypatch):
     """Both branches score alike (same weights); the one whose channels the latency table says
     cost more is worth less per second, so global pruning by importance per latency takes more

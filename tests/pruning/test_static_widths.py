@@ -11,7 +11,7 @@ import torch.nn as nn
 import fxgndi
 from fxgndi.core.errors import FxgndiError
 
-from tests.helpers import randomize_batchnorm
+from tests.helpers import randomize_batchnorm, removed_channels, zeroed_output
 
 
 class FlagNet(nn.Module):
@@ -61,22 +61,9 @@ def test_flag_and_attribute_width_prune_run_export_and_equal_zeroing(data, tmp_p
     # which the same prune removed), by hooks on the untouched model.
     gone = {"conv": sorted(set(range(16)) - set(r.kept["conv"])),
             "conv2": sorted(set(range(8)) - set(kept))}
-    handles = [getattr(model, name).register_forward_hook(
-        lambda m, a, out, idx=idx: out.index_fill(1, torch.tensor(idx, dtype=torch.long), 0))
-        for name, idx in gone.items() if idx]
     # zeroing a conv's output channel is removal only if its BatchNorm maps 0 to 0: zero the
     # BatchNorm outputs instead (removal drops the channel after the BN too)
-    for h in handles:
-        h.remove()
-    handles = [getattr(model, bn).register_forward_hook(
-        lambda m, a, out, idx=idx: out.index_fill(1, torch.tensor(idx, dtype=torch.long), 0))
-        for bn, idx in (("bn", gone["conv"]), ("bn2", gone["conv2"])) if idx]
-    try:
-        with torch.no_grad():
-            expected = model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    expected = zeroed_output(model, x, outputs={"bn": gone["conv"], "bn2": gone["conv2"]})
     with torch.no_grad():
         torch.testing.assert_close(r.model(x), expected, rtol=1e-5, atol=1e-5)
     result = fxgndi.export(r.model, tmp_path / "flag.pt2", example_inputs=x)
@@ -102,26 +89,9 @@ def test_without_concrete_args_the_refusal_names_the_fix(data):
 
 def _zeroed(model: nn.Module, kept: dict[str, list[int]], x: torch.Tensor) -> torch.Tensor:
     """The dense model's output with every removed output channel of a conv / linear layer
-    zeroed (channels in dim 1 for convs, last for linears); removal is that where nothing
-    between a layer and its readers normalises over channels."""
-    handles = []
-    for name, idx in kept.items():
-        layer = model.get_submodule(name)
-        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
-            continue
-        width = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
-        gone = sorted(set(range(width)) - set(idx))
-        if gone:
-            dim = 1 if isinstance(layer, nn.Conv2d) else -1
-            handles.append(layer.register_forward_hook(
-                lambda m, a, out, gone=gone, dim=dim: out.index_fill(
-                    dim, torch.tensor(gone), 0)))
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    zeroed; removal is that where nothing between a layer and its readers normalises over
+    channels."""
+    return zeroed_output(model, x, outputs=removed_channels(model, kept))
 
 
 class ShapeAttention(nn.Module):

@@ -13,6 +13,8 @@ import torch.nn as nn
 import fxgndi
 from fxgndi.core.errors import FxgndiError
 
+from tests.helpers import removed_channels, zeroed_output
+
 
 class TiedChain(nn.Module):
     """a -> b -> c -> d with ``c.weight = b.weight``: b's outputs are c's inputs."""
@@ -49,26 +51,6 @@ def _unique_parameters(model: nn.Module) -> int:
     return len({id(p) for m in model.modules() for p in m.parameters(recurse=False)})
 
 
-def _zeroed_reference(dense: nn.Module, kept_inputs: dict[str, list[int]], x: torch.Tensor
-                      ) -> torch.Tensor:
-    """The dense model's output with every layer reading 0 at the inputs pruning removed."""
-    def hook(layer, args, name):
-        h = args[0].clone()
-        dim = 1 if isinstance(layer, nn.Conv2d) else -1
-        gone = [i for i in range(h.shape[dim]) if i not in kept_inputs[name]]
-        h.index_fill_(dim % h.dim(), torch.tensor(gone, dtype=torch.long), 0.0)
-        return (h,)
-
-    handles = [m.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n))
-               for n, m in dense.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    try:
-        with torch.no_grad():
-            return dense(x)
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @pytest.mark.parametrize("cls, shape, target", [(TiedChain, (6,), "macs"),
                                                 (TiedBranches, (2, 5, 5), "channels")])
 @pytest.mark.parametrize("importance", ["gndi", "l1"])
@@ -94,7 +76,8 @@ def test_tied_weights_stay_one_parameter_and_the_output_is_the_zeroed_dense_one(
     x = torch.randn(5, *shape, generator=g, dtype=torch.float64)
     with torch.no_grad():
         out = r.model(x)
-    torch.testing.assert_close(out, _zeroed_reference(dense, r.kept_inputs, x))
+    expected = zeroed_output(dense, x, inputs=removed_channels(dense, r.kept_inputs, "in"))
+    torch.testing.assert_close(out, expected)
 
 
 def test_a_tied_bias_keeps_its_tie_and_compensation_refuses_it():
