@@ -8,11 +8,13 @@ import sys
 import warnings
 from typing import Any, Callable, Iterable
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from fxgndi.core.errors import UntraceableModelError
 from fxgndi.core.runtime import eval_mode
+from fxgndi.core.streams import as_inputs, call_model
 
 
 class GndiTracer(fx.Tracer):
@@ -127,6 +129,62 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
 
 _MAX_OPAQUE = 256  # submodules made opaque automatically before giving up
 _CONSTANT = (type(None), bool, int, float, str)
+
+
+def bind_defaults(model: nn.Module, example_inputs: Any, *,
+                  leaf_modules: Iterable[str | type] = (),
+                  concrete_args: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """``concrete_args``, plus the constant defaults of the forward parameters that
+    ``example_inputs`` leaves open, where the model's trace fails to run on ``example_inputs``
+    without them and runs with them (with a warning naming them). torch.fx traces an
+    ``mask=None`` parameter as a tensor input, and ``if mask is not None: x = x.view(...)``
+    then takes the branch a call without ``mask`` never takes. What the verbs trace with.
+
+    Example:
+        >>> class Net(nn.Module):
+        ...     def forward(self, x, mask=None):
+        ...         return x if mask is None else x * mask
+        >>> import torch, warnings
+        >>> with warnings.catch_warnings(record=True):
+        ...     bind_defaults(Net(), torch.ones(1, 2))
+        {'mask': None}
+    """
+    inputs = as_inputs(example_inputs)
+    supplied = len(getattr(inputs, "args", (inputs,))), set(getattr(inputs, "kwargs", {}))
+    names = list(inspect.signature(model.forward).parameters) if _has_signature(model) else []
+    defaults = {k: v for k, v in constant_defaults(model, concrete_args).items()
+                if k not in supplied[1] and k not in names[:supplied[0]]}
+    if not defaults:
+        return concrete_args
+
+    def runs(args: dict[str, Any] | None) -> bool:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                gm = trace(model, leaf_modules=leaf_modules, concrete_args=args)
+            if gm.meta["fxgndi_bound_defaults"]:  # traced only once trace() bound them
+                return False
+            with eval_mode(gm), torch.no_grad():
+                call_model(gm, inputs)
+            return True
+        except Exception:  # noqa: BLE001 - any failure of the traced graph is the answer
+            return False
+
+    bound = {**(concrete_args or {}), **defaults}
+    if runs(concrete_args) or not runs(bound):
+        return concrete_args
+    warnings.warn(f"the trace of {type(model).__name__} runs only with forward's parameters "
+                  f"{defaults} bound to these defaults (torch.fx took them for inputs); they "
+                  "are bound: pass concrete_args= to choose other values", stacklevel=2)
+    return bound
+
+
+def _has_signature(model: nn.Module) -> bool:
+    try:
+        inspect.signature(model.forward)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def constant_defaults(model: nn.Module, concrete_args: dict[str, Any] | None = None

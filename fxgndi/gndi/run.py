@@ -4,6 +4,7 @@ few batches and on interruption, and the sums of all ranks."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -19,6 +20,7 @@ from fxgndi.core.streams import (Inputs, as_inputs, batch_count, call_model, exa
                                  first_batch, input_arity, iter_batches, require_reiterable)
 from fxgndi.fx.intervention import InterventionGraph, intervene
 from fxgndi.fx.sites import SiteSpec
+from fxgndi.fx.trace import bind_defaults
 from fxgndi.gndi.checkpoint import check_world, load_state, rank_path, save_state
 from fxgndi.gndi.distributed import all_reduce_sums, my_batches, rank_and_world
 from fxgndi.gndi.scores import Unit
@@ -124,6 +126,8 @@ def prepare(model: nn.Module | InterventionGraph, data: Iterable, run: RunOption
             if run.example_inputs is None \
             else as_inputs(example_input(data, run.example_inputs, device))
         check_accepts(model, example)
+        run = replace(run, concrete_args=bind_defaults(
+            model, example[:1], leaf_modules=run.leaf_modules, concrete_args=run.concrete_args))
         # One sample records the shapes: a whole batch would cost memory outside max_memory.
         graph = intervene(model, "conv" if sites is None else sites,
                           granularity=granularity or "layer",

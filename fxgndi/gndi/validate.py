@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
@@ -28,6 +28,7 @@ from fxgndi.core.streams import first_batch, input_arity, require_reiterable
 from fxgndi.fx.analysis import facts
 from fxgndi.fx.intervention import InterventionGraph, intervene
 from fxgndi.fx.sites import SiteSpec
+from fxgndi.fx.trace import bind_defaults
 from fxgndi.gndi.criteria import aggregate, score_channels
 from fxgndi.gndi.estimate import ablate, score
 from fxgndi.gndi.run import check_accepts
@@ -170,6 +171,8 @@ def validate(model: nn.Module, data: Iterable, *, importances: Sequence[str] | N
     require_reiterable(data)
     example = first_batch(data, arity=input_arity(model))
     check_accepts(model, example)
+    opts = replace(opts, concrete_args=bind_defaults(
+        model, example[:1], leaf_modules=opts.leaf_modules, concrete_args=opts.concrete_args))
     graph = intervene(model, sites, granularity=granularity, baseline=baseline, data=data,
                       example_inputs=example, leaf_modules=opts.leaf_modules,
                       concrete_args=opts.concrete_args, output=opts.output,

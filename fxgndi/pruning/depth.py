@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import operator
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
@@ -32,7 +32,7 @@ from fxgndi.core.streams import example_input, iter_batches
 from fxgndi.fx.analysis import analyze, facts, feeds
 from fxgndi.fx.intervention import intervene
 from fxgndi.fx.sites import describe_nodes
-from fxgndi.fx.trace import trace
+from fxgndi.fx.trace import bind_defaults, trace
 from fxgndi.deploy.latency import Latency, confirmed, latency_target
 from fxgndi.gndi.estimate import ablate, score
 from fxgndi.pruning.repair import Repair, as_repair, repair_model
@@ -145,6 +145,8 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
     fixes = as_repair(repair)
     _check_arguments(n_blocks, target, sparsity, importance, baseline, fixes)
     example = example_input(data, opts.example_inputs, device_of(model))
+    opts = replace(opts, concrete_args=bind_defaults(
+        model, example, leaf_modules=opts.leaf_modules, concrete_args=opts.concrete_args))
     calibration = data if opts.max_batches is None else \
         list(iter_batches(data, max_batches=opts.max_batches))
     gm = trace(model if inplace else copy.deepcopy(model), leaf_modules=opts.leaf_modules,

@@ -44,7 +44,7 @@ import math
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
@@ -59,9 +59,10 @@ from fxgndi.core.moments import RunningMoments
 from fxgndi.core.names import BASELINES, DEFAULT_PROBES, PRUNE_MODES, READOUTS
 from fxgndi.core.options import RunKwargs, RunOptions, run_options
 from fxgndi.core.runtime import device_of, eval_mode
-from fxgndi.core.streams import batch_count, first_batch, iter_batches
+from fxgndi.core.streams import batch_count, first_batch, input_arity, iter_batches
 from fxgndi.fx.intervention import InterventionGraph, calibrate, intervene
 from fxgndi.fx.taps import Tap, mark_folded, tap_consumers
+from fxgndi.fx.trace import bind_defaults
 from fxgndi.gndi.memory import pieces, plan_step
 from fxgndi.gndi.readouts import check_labels, readout_width
 from fxgndi.gndi.readouts import readout as apply_readout
@@ -520,6 +521,11 @@ class GroupEffectImportance(tp.importance.Importance):
                 return
             flat = flat | self._state["flat"]  # keep the flat taps the cached plans assumed
         start = time.perf_counter()
+        example = first_batch(iter_batches(self.data, device=device_of(model),
+                                           arity=input_arity(model)))[:1]
+        self.run = replace(self.run, concrete_args=bind_defaults(  # kept for later builds
+            model, example, leaf_modules=self.run.leaf_modules,
+            concrete_args=self.run.concrete_args))
         gm, taps = tap_consumers(model, leaf_modules=self.run.leaf_modules,
                                  consumers=self.consumers,
                                  concrete_args=self.run.concrete_args, flat=flat)

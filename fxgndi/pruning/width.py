@@ -29,7 +29,7 @@ from fxgndi.core.options import RunKwargs, RunOptions, run_options
 from fxgndi.core.runtime import device_of, eval_mode
 from fxgndi.core.streams import call_hooked, call_model, example_input, input_arity, iter_batches
 from fxgndi.fx.analysis import analyze, facts
-from fxgndi.fx.trace import trace
+from fxgndi.fx.trace import bind_defaults, trace
 from fxgndi.fx.widths import (StaticWidth, forward_failure, shape_widths, static_widths,
                               update_widths)
 from fxgndi.pruning import architectures
@@ -150,6 +150,8 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
                     meaning=" (channel counts are kept multiples of it), 'auto' or None")
     device = device_of(model)
     example = example_input(data, opts.example_inputs, device, arity=input_arity(model))
+    opts = replace(opts, concrete_args=bind_defaults(
+        model, example, leaf_modules=opts.leaf_modules, concrete_args=opts.concrete_args))
     rounder = None if auto is None else Rounder(model, example, auto,
                                                 auto.latency or latency or Latency())
     plan = architectures.plan_for(model)

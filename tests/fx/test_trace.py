@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from fxgndi.core.errors import UntraceableModelError
-from fxgndi.fx.trace import trace
+from fxgndi.core.streams import Inputs
+from fxgndi.fx.trace import bind_defaults, trace
 
 
 class Gate(nn.Module):
@@ -110,6 +111,32 @@ def test_failing_submodules_are_kept_opaque_and_the_rest_is_traced(monkeypatch):
             block.conv.weight.data.zero_()
             block.conv.bias.data.fill_(sign)
         torch.testing.assert_close(gm(x), model.stem(x) + 2)
+
+
+class Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, mask=None, scale=2.0):
+        if mask is not None:  # a Proxy for mask is never None: the trace fails
+            x = x * mask
+        return self.fc(x) * scale
+
+
+def test_defaults_are_bound_only_where_the_trace_needs_them_to_run_the_example():
+    model = Masked()
+    x = torch.randn(2, 4)
+    # torch.fx traces mask as a tensor input: the graph multiplies by it, and fails without one
+    with pytest.raises(TypeError):
+        trace(model)(x)
+    with pytest.warns(UserWarning, match=r"\{'mask': None, 'scale': 2.0\} bound.*concrete_args="):
+        bound = bind_defaults(model, x)
+    assert bound == {"mask": None, "scale": 2.0}
+    torch.testing.assert_close(trace(model, concrete_args=bound)(x), model.fc(x) * 2)
+    # given values stand; a trace that runs binds nothing; a supplied mask is not bound
+    assert bind_defaults(model, x, concrete_args={"mask": None}) == {"mask": None}
+    assert bind_defaults(model, Inputs((x, torch.ones(2, 4)))) is None
 
 
 def test_a_traceable_model_records_no_opaque_module():

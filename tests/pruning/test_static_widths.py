@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 
 import fxgndi
-from fxgndi.core.errors import FxgndiError
 
 from tests.helpers import randomize_batchnorm, removed_channels, zeroed_output
 
@@ -78,9 +77,13 @@ def test_a_literal_width_keeps_the_layer_and_says_why(data):
     r.model(data[0][0])
 
 
-def test_without_concrete_args_the_refusal_names_the_fix(data):
-    with pytest.raises(FxgndiError, match="concrete_args"):
-        fxgndi.prune(_model(), data, sparsity=0.5, importance="l1")
+def test_without_concrete_args_the_flag_is_bound_to_its_default_and_said(data):
+    with pytest.warns(UserWarning, match=r"\{'return_features': False\} bound.*concrete_args="):
+        r = fxgndi.prune(_model(), data, sparsity=0.5, importance="l1", repair=False)
+    given = fxgndi.prune(_model(), data, sparsity=0.5, importance="l1", repair=False,
+                         concrete_args={"return_features": False})
+    assert r.kept == given.kept and r.model.feat_dim == given.model.feat_dim == 16
+    torch.testing.assert_close(r.model(data[0][0]), given.model(data[0][0]))
 
 
 # Widths torch-pruning does not follow: the pruned model runs, the groups that cannot be pruned
