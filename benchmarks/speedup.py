@@ -201,7 +201,9 @@ def speedup_rows(results: list[dict[str, Any]]) -> list[tuple]:
                                        and k.split(" ", 1)[0] in ("dense", target)) \
                         or _status(d, p)
                     ok = status == "ok" or status.startswith("noisy: ")
-                    speedup = d["median_ms"] / p["median_ms"] if ok else None
+                    # bench's: the median of per-round ratios against the dense model of
+                    # this runtime (a ratio of the two medians would inherit the drift)
+                    speedup = p["speedup"] if ok else None
                     eager = by_key.get(("dense eager", batch))
                     vs_eager = eager["median_ms"] / p["median_ms"] if ok and eager else None
                     lines.append((res["model"], target, runtime, batch,

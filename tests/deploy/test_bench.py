@@ -321,3 +321,6 @@ def test_speedup_benchmark_runs(tmp_path, capsys):
     assert set(rows) == {(f"{v} {rt}", 2) for v in ("dense", "macs") for rt in ("eager", "onnx")}
     assert all(_ran(r["status"]) for r in rows.values())
     assert rows["macs eager", 2]["macs"] < 0.6 * rows["dense eager", 2]["macs"]
+    # the table's speed-up is bench's median of per-round ratios, not a ratio of medians
+    assert {line[2]: line[6] for line in module.speedup_rows([res])} == \
+        {rt: rows[f"macs {rt}", 2]["speedup"] for rt in ("eager", "onnx")}
