@@ -364,13 +364,32 @@ def _drop_broadcast_gqa(original: Callable) -> Callable:
     return update
 
 
+def _skip_unknown_concat(original: Callable) -> Callable:
+    """torch-pruning's concat index map, but none where an input's channel count cannot be
+    inferred: torch-pruning returns without a map there itself, but only after summing the
+    counts, which raises ``TypeError: int + NoneType`` first (timm's CoaT, CSPDarkNet's focus
+    stem, TNT, DINOv3: the dependency graph could not be built at all)."""
+    shape_infer = tp.dependency.shape_infer
+
+    @functools.wraps(original)
+    def update(graph: Any, cat_node: Any) -> None:
+        if cat_node.type == tp.ops.OPTYPE.CONCAT and cat_node.module.concat_sizes is None \
+                and any(shape_infer.infer_channels_between(graph, n, cat_node) is None
+                        for n in cat_node.inputs):
+            return
+        original(graph, cat_node)
+    return update
+
+
 def _patch_index_mapping() -> None:
     index_mapping = getattr(getattr(tp, "dependency", None), "index_mapping", None)
-    names = ("update_index_mapping", "_GQAIndexMapping")
+    names = ("update_index_mapping", "update_concat_index_mapping", "_GQAIndexMapping")
     if index_mapping is None or not all(hasattr(index_mapping, n) for n in names) \
             or getattr(index_mapping, "_fxgndi_patched", False):
         return
     index_mapping.update_index_mapping = _drop_broadcast_gqa(index_mapping.update_index_mapping)
+    index_mapping.update_concat_index_mapping = _skip_unknown_concat(
+        index_mapping.update_concat_index_mapping)
     index_mapping._fxgndi_patched = True
 
 

@@ -9,7 +9,10 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+import fxgndi
 from fxgndi.pruning import _tp
+
+from tests.helpers import removed_channels, zeroed_output
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "fxgndi"
 PRIVATE = re.compile(r"\._DG\b|\bmodule2node\b|\._normalize\(|is_(in|out)_channel_pruning_fn")
@@ -78,3 +81,36 @@ def test_a_broadcast_5d_expand_groups_as_the_implicit_broadcast():
         # the query's channels multiply the embedding's: one group, the same indices
         assert {("embed", "prune_out_channels", (0, 5)),
                 ("query", "prune_out_channels", (0, 5))} <= ops
+
+
+class EmptyChunkCSP(nn.Module):
+    """A CSP stage as timm's CSPDarkNet traces: a split with an empty chunk, a residual add
+    whose shortcut comes last, then a concat. torch-pruning 1.6 cannot infer the add's channel
+    count there (it indexes the split's sizes by output position) and raised TypeError summing
+    the concat's counts before its own return for unknown counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.block = nn.Conv2d(8, 8, 3, padding=1)
+        self.out = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, _, b = self.stem(x).split([8, 0, 8], dim=1)
+        b = torch.relu(self.block(b)) + b
+        h = torch.relu(self.out(torch.cat([b, a], 1)))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_a_concat_of_unknown_width_builds_and_prunes_as_zeroing():
+    torch.manual_seed(0)
+    model = EmptyChunkCSP().eval()
+    x = torch.randn(4, 3, 8, 8)
+    tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])  # raised TypeError
+    r = fxgndi.prune(model, [(x, torch.randint(0, 4, (4,)))], importance="l1", sparsity=0.5,
+                     repair=False)
+    assert len(r.kept["out"]) == 4 and "stem" in r.skipped  # the literal split keeps stem
+    with torch.no_grad():
+        torch.testing.assert_close(r.model(x), zeroed_output(
+            model, x, outputs=removed_channels(model, r.kept)))
