@@ -28,7 +28,7 @@ from fxgndi.core.errors import FxgndiError
 from fxgndi.core.names import DEPTH_BASELINES, DEPTH_IMPORTANCES, DEPTH_TARGETS
 from fxgndi.core.options import RunKwargs, run_options
 from fxgndi.core.runtime import device_of, eval_mode
-from fxgndi.core.streams import example_input, iter_batches
+from fxgndi.core.streams import example_input, input_arity, iter_batches
 from fxgndi.fx.analysis import analyze, facts, feeds
 from fxgndi.fx.intervention import intervene
 from fxgndi.fx.sites import describe_nodes
@@ -144,11 +144,12 @@ def prune_depth(model: nn.Module, data: Iterable, *, n_blocks: int | None = None
     target, latency = latency_target(target)
     fixes = as_repair(repair)
     _check_arguments(n_blocks, target, sparsity, importance, baseline, fixes)
-    example = example_input(data, opts.example_inputs, device_of(model))
+    arity = input_arity(model)
+    example = example_input(data, opts.example_inputs, device_of(model), arity=arity)
     opts = replace(opts, concrete_args=bind_defaults(
         model, example, leaf_modules=opts.leaf_modules, concrete_args=opts.concrete_args))
     calibration = data if opts.max_batches is None else \
-        list(iter_batches(data, max_batches=opts.max_batches))
+        list(iter_batches(data, max_batches=opts.max_batches, arity=arity))
     gm = trace(model if inplace else copy.deepcopy(model), leaf_modules=opts.leaf_modules,
                concrete_args=opts.concrete_args)
     _propagate_shapes(gm, example)

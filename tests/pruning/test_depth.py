@@ -338,3 +338,29 @@ def test_pth_export_of_a_depth_pruned_model_is_refused_clearly(resnet, data, tmp
         fxgndi.export(r.model, tmp_path / "depth.pth", example_inputs=data[0][:2],
                       model_name="resnet18", model_kwargs={"num_classes": 10})
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+class TwoInputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(4, 8)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()) for _ in range(3))
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x1, x2, skip=None):
+        h = self.a(x1) + self.b(x2)
+        for i, block in enumerate(self.blocks):
+            h = h if i == skip else h + block(h)
+        return self.head(h)
+
+
+def test_two_input_model_with_flat_batches_loses_one_block_exactly():
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    x1, x2 = torch.randn(8, 4), torch.randn(8, 4)
+    r = prune_depth(model, [(x1, x2)], n_blocks=1)  # read as two inputs: the model takes two
+    with torch.no_grad():
+        out = r.model(x1, x2)
+        matches = [i for i in range(3) if torch.allclose(out, model(x1, x2, skip=i))]
+    assert len(matches) == 1 and len(r.removed) == 1
