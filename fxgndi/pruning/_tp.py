@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+
+from fxgndi.core.errors import FxgndiError
 
 TESTED = ((1, 5), (1, 6))  # torch-pruning major.minor versions fxgndi's suite passes with
 # The root module types torch-pruning's BasePruner starts groups from, by default.
@@ -393,5 +395,119 @@ def _patch_index_mapping() -> None:
     index_mapping._fxgndi_patched = True
 
 
+# A group past either bound, per node of the dependency graph, has run away:
+_ENTRIES_PER_NODE = 4  # entries (a layer and the indices it loses)
+_INDICES_PER_NODE = 4096  # indices over all entries (a flatten multiplies them) ...
+_MIN_INDICES = 2**22  # ... and at least this many (vgg16's classifier group: 232k in 41 nodes)
+_limit: list[tuple[int, int] | None] = [None]  # the bounds of the group being built, if any
+
+
+class GroupRunaway(FxgndiError):
+    """A torch-pruning group that kept growing while it was built (index maps through
+    concats, splits or reshapes that never close on one set of indices)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"torch-pruning's group grew past {what}")
+        self.root: nn.Module | None = None
+
+
+def _bound_group_building() -> None:
+    """Bounds torch-pruning's group building, and lets ``get_all_groups`` go on without the
+    groups that run away: their root layers keep their widths, with a warning. On some models
+    (timm's rexnet_100, efficientformerv2_s0, deepseek_vit_412m) the traversal of one group
+    follows index maps that never close: rexnet's first group held 22k entries after 60 s and
+    kept growing, and efficientformerv2's 26th group held 18.7M indices in 29 entries (one of
+    8.4M: reshape maps multiplied them), so every prune ran past any timeout. A healthy group
+    visits each graph node about once (torchvision at 224 px: vit_b_16 504 entries for 516
+    nodes, 387k indices; vgg16 21 entries, 232k indices; densenet121 102 entries for 432)."""
+    graph_class, group_class = tp.DependencyGraph, tp.dependency.group.Group
+    add_dep, get_group, get_all = (group_class.add_dep, graph_class.get_pruning_group,
+                                   graph_class.get_all_groups)
+
+    @functools.wraps(add_dep)
+    def bounded_add_dep(self: Any, dep: Any, idxs: Any) -> None:
+        if _limit[0] is not None:
+            entries, indices = _limit[0]
+            total = self.__dict__.get("_fxgndi_indices", 0) + len(idxs)
+            self.__dict__["_fxgndi_indices"] = total
+            if len(self._group) >= entries or total > indices:
+                raise GroupRunaway(f"{entries} entries" if len(self._group) >= entries
+                                   else f"{indices} indices")
+        add_dep(self, dep, idxs)
+
+    @functools.wraps(get_group)
+    def bounded_get_group(self: Any, module: nn.Module, pruning_fn: Any, idxs: Any) -> Any:
+        outer = _limit[0]
+        nodes = len(self.module2node) + 16
+        _limit[0] = (round(_ENTRIES_PER_NODE * nodes),
+                     max(round(_INDICES_PER_NODE * nodes), _MIN_INDICES))
+        try:
+            return get_group(self, module, pruning_fn, idxs)
+        except GroupRunaway as exc:
+            exc.root = exc.root or module
+            raise
+        finally:
+            _limit[0] = outer
+
+    @functools.wraps(get_all)
+    def get_all_without_runaways(self: Any, ignored_layers: Sequence[Any] = (),
+                                 root_module_types: Any = (tp.ops.TORCH_CONV,
+                                                           tp.ops.TORCH_LINEAR)) -> Any:
+        runaways = self.__dict__.setdefault("_fxgndi_runaways", [])
+        yielded: set[int] = set()  # out-pruned members of the groups given before a restart
+        while True:
+            try:
+                for group in get_all(self, ignored_layers=[*ignored_layers, *runaways],
+                                     root_module_types=root_module_types):
+                    if id(group[0].dep.target.module) in yielded:  # given before the restart
+                        continue
+                    yielded |= {id(dep.target.module) for dep, _ in group
+                                if self.is_out_channel_pruning_fn(dep.handler)}
+                    yield group
+                return
+            except GroupRunaway as exc:
+                runaways.append(exc.root)
+                name = self._module2name.get(exc.root, type(exc.root).__name__)
+                warnings.warn(f"{exc} building the group of '{name}' (index maps through "
+                              "concats, splits or reshapes that do not close): that group "
+                              "keeps its width", RuntimeWarning, stacklevel=2)
+
+    group_class.add_dep = bounded_add_dep
+    graph_class.get_pruning_group = bounded_get_group
+    graph_class.get_all_groups = get_all_without_runaways
+
+
+def _index_group_ops() -> None:
+    """torch-pruning's ``Group.has_pruning_op`` by a set of (target, handler, indices) instead
+    of a scan that compares the index lists of the whole group: the same answer. Building a
+    group calls it once per edge it follows, so the scan made building a group of n entries
+    cost n^2 list comparisons (deepseek_vit_412m's runaway groups, 8k entries each, took
+    minutes to reach the bound). The set is rebuilt after entries are replaced
+    (``__setitem__``, ``add_and_merge``) rather than appended."""
+    group_class = tp.dependency.group.Group
+
+    def has_pruning_op(self: Any, dep: Any, idxs: Any) -> bool:
+        seen = self.__dict__.get("_fxgndi_ops")
+        if seen is None or seen[0] > len(self._group):
+            seen = self.__dict__["_fxgndi_ops"] = [0, set()]
+        for item in self._group[seen[0]:]:
+            seen[1].add((item.dep.target, item.dep.handler, tuple(item.idxs)))
+        seen[0] = len(self._group)
+        return (dep.target, dep.handler, tuple(idxs)) in seen[1]
+
+    def forgetting(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def replaced(self: Any, *args: Any, **kwargs: Any) -> Any:
+            self.__dict__.pop("_fxgndi_ops", None)
+            return method(self, *args, **kwargs)
+        return replaced
+
+    group_class.has_pruning_op = has_pruning_op
+    group_class.__setitem__ = forgetting(group_class.__setitem__)
+    group_class.add_and_merge = forgetting(group_class.add_and_merge)
+
+
 if tested_version():
     _patch_index_mapping()
+    _bound_group_building()
+    _index_group_ops()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 import re
 
+import pytest
 import torch
 import torch.nn as nn
 import torch_pruning as tp
@@ -111,6 +112,42 @@ def test_a_concat_of_unknown_width_builds_and_prunes_as_zeroing():
     r = fxgndi.prune(model, [(x, torch.randint(0, 4, (4,)))], importance="l1", sparsity=0.5,
                      repair=False)
     assert len(r.kept["out"]) == 4 and "stem" in r.skipped  # the literal split keeps stem
+    with torch.no_grad():
+        torch.testing.assert_close(r.model(x), zeroed_output(
+            model, x, outputs=removed_channels(model, r.kept)))
+
+
+class WideFanOut(nn.Module):
+    """A stem read by eight convs (its group: the stem, the ReLU and eight readers) beside
+    nine small groups (a side conv or a reader, the concat, the head). torch-pruning builds
+    readers.7's group before the stem's: it is given before the restart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.side = nn.Conv2d(3, 8, 1)
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.readers = nn.ModuleList(nn.Conv2d(16, 8, 1) for _ in range(8))
+        self.head = nn.Linear(72, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = self.side(x).mean((2, 3))
+        h = torch.relu(self.stem(x))
+        return self.head(torch.cat([side, *(r(h).mean((2, 3)) for r in self.readers)], 1))
+
+
+def test_a_group_that_runs_away_keeps_its_width_and_the_rest_prunes(monkeypatch):
+    """A group past the bound stands for one whose index maps never close (timm's rexnet,
+    efficientformerv2): pruning goes on without it, and says which."""
+    torch.manual_seed(0)
+    model = WideFanOut().eval()
+    x = torch.randn(4, 3, 6, 6)
+    data = [(x, torch.randint(0, 4, (4,)))]
+    nodes = len(tp.DependencyGraph().build_dependency(model, example_inputs=x[:1]).module2node)
+    monkeypatch.setattr(_tp, "_ENTRIES_PER_NODE", 6 / (nodes + 16))  # the stem's group: 10+
+    with pytest.warns(RuntimeWarning, match=r"past 6 entries building the group of 'stem'"):
+        r = fxgndi.prune(model, data, importance="l1", sparsity=0.5, repair=False)
+    assert len(r.kept["stem"]) == 16 and all(len(r.kept[f"readers.{i}"]) == 4 for i in range(8))
+    assert len(r.kept["side"]) == 4  # readers.7, given before the restart, is not pruned twice
     with torch.no_grad():
         torch.testing.assert_close(r.model(x), zeroed_output(
             model, x, outputs=removed_channels(model, r.kept)))
