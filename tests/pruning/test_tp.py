@@ -144,6 +144,7 @@ def test_a_group_that_runs_away_keeps_its_width_and_the_rest_prunes(monkeypatch)
     data = [(x, torch.randint(0, 4, (4,)))]
     nodes = len(tp.DependencyGraph().build_dependency(model, example_inputs=x[:1]).module2node)
     monkeypatch.setattr(_tp, "_ENTRIES_PER_NODE", 6 / (nodes + 16))  # the stem's group: 10+
+    monkeypatch.setattr(_tp, "_RUNAWAYS", {})  # nothing remembered from other graphs
     with pytest.warns(RuntimeWarning, match=r"past 6 entries building the group of 'stem'"):
         r = fxgndi.prune(model, data, importance="l1", sparsity=0.5, repair=False)
     assert len(r.kept["stem"]) == 16 and all(len(r.kept[f"readers.{i}"]) == 4 for i in range(8))
