@@ -421,6 +421,17 @@ def _structure(model: nn.Module) -> tuple:
             tuple((n, tuple(p.shape)) for n, p in model.named_parameters()))
 
 
+def runaway_roots(dg: Any) -> list[nn.Module]:
+    """The root layers whose torch-pruning group ran away while ``dg``'s groups were built
+    (they keep their widths; see ``_bound_group_building``).
+
+    Example:
+        >>> runaway_roots(tp.DependencyGraph())
+        []
+    """
+    return list(dg.__dict__.get("_fxgndi_runaways", ()))
+
+
 def _bound_group_building() -> None:
     """Bounds torch-pruning's group building, and lets ``get_all_groups`` go on without the
     groups that run away: their root layers keep their widths, with a warning. On some models

@@ -33,7 +33,7 @@ from fxgndi.fx.trace import bind_defaults, trace
 from fxgndi.fx.widths import (StaticWidth, forward_failure, shape_widths, static_widths,
                               update_widths)
 from fxgndi.pruning import architectures
-from fxgndi.pruning._tp import (RoundLayer, channel_groups, graph_of, make_pruner,
+from fxgndi.pruning._tp import (RoundLayer, channel_groups, graph_of, make_pruner, runaway_roots,
                                 prunes_inputs, prunes_outputs)
 from fxgndi.pruning.compensate import compensate_group, consumer_input_means
 from fxgndi.deploy.latency import READINGS, Latency, confirmed, latency_target
@@ -437,7 +437,11 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
     for fix in plan.after:
         fix(model)
     update_widths(model, list(widths))
-    return _Pruned(*tracker.kept(), skipped=checked.skipped)
+    names = {m: n for n, m in model.named_modules()}
+    runaways = {names[m]: "keeps its width: torch-pruning's group of it ran away while it was "
+                "built (index maps through concats, splits or reshapes that do not close)"
+                for m in runaway_roots(pruner.DG) if m in names}
+    return _Pruned(*tracker.kept(), skipped={**runaways, **checked.skipped})
 
 
 @contextmanager
