@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 import os
 import resource
 import statistics
@@ -459,11 +459,18 @@ def _peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
 def _trim_free_memory() -> None:
     """Returns glibc's free heap pages to the kernel: a freed block that stays resident would be
     reused without any rise of the RSS. A no-op where libc has no ``malloc_trim``."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(ctypes.c_size_t(0))
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[..., Any] | None:
+    """glibc's ``malloc_trim`` from the process's own symbols, looked up once (None elsewhere)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-        libc.malloc_trim(ctypes.c_size_t(0))
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 def _can_reset_hwm() -> bool:

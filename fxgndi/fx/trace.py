@@ -150,10 +150,11 @@ def bind_defaults(model: nn.Module, example_inputs: Any, *,
         {'mask': None}
     """
     inputs = as_inputs(example_inputs)
-    supplied = len(getattr(inputs, "args", (inputs,))), set(getattr(inputs, "kwargs", {}))
-    names = list(inspect.signature(model.forward).parameters) if _has_signature(model) else []
+    positional = [p.name for p in _forward_parameters(model)][:len(getattr(inputs, "args",
+                                                                           (inputs,)))]
+    keywords = set(getattr(inputs, "kwargs", {}))
     defaults = {k: v for k, v in constant_defaults(model, concrete_args).items()
-                if k not in supplied[1] and k not in names[:supplied[0]]}
+                if k not in keywords and k not in positional}
     if not defaults:
         return concrete_args
 
@@ -179,12 +180,11 @@ def bind_defaults(model: nn.Module, example_inputs: Any, *,
     return bound
 
 
-def _has_signature(model: nn.Module) -> bool:
+def _forward_parameters(model: nn.Module) -> list[inspect.Parameter]:
     try:
-        inspect.signature(model.forward)
-        return True
-    except (TypeError, ValueError):
-        return False
+        return list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C forward: nothing to bind
+        return []
 
 
 def constant_defaults(model: nn.Module, concrete_args: dict[str, Any] | None = None
@@ -199,12 +199,8 @@ def constant_defaults(model: nn.Module, concrete_args: dict[str, Any] | None = N
         >>> constant_defaults(Net(), {"features": True})
         {'mask': None}
     """
-    try:
-        parameters = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):  # a builtin or C forward: nothing to bind
-        return {}
     given = concrete_args or {}
-    return {p.name: p.default for p in parameters
+    return {p.name: p.default for p in _forward_parameters(model)
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in given
             and p.default is not p.empty and isinstance(p.default, _CONSTANT)}
 

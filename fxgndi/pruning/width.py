@@ -394,7 +394,8 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
     after every iterative step but the last (the repair, so that the next step scores a
     repaired model)."""
     parameters = dict(model.named_parameters())
-    checked = _CheckedImportance(importance, {m: n for n, m in model.named_modules()},
+    names = {m: n for n, m in model.named_modules()}  # pruning changes the modules in place
+    checked = _CheckedImportance(importance, names,
                                  {id(parameters[n]): n for n in kept_params if n in parameters})
     tracker = _ChannelTracker(model)
     plan = architectures.plan_for(model)
@@ -437,7 +438,6 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
     for fix in plan.after:
         fix(model)
     update_widths(model, list(widths))
-    names = {m: n for n, m in model.named_modules()}
     runaways = {names[m]: "keeps its width: torch-pruning's group of it ran away while it was "
                 "built (index maps through concats, splits or reshapes that do not close)"
                 for m in runaway_roots(pruner.DG) if m in names}
