@@ -102,6 +102,7 @@ class InterventionGraph(nn.Module):
         self._sites = sites
         self._index = {s.name: i for i, s in enumerate(sites)}
         self.baseline = "zero"  # the name of the baseline it was given, or "custom"
+        self._output_shapes: dict[tuple, tuple[int, ...]] = {}  # per-sample input -> output
         object.__setattr__(self, "model", model)  # a reference, not a registered submodule
 
     @property
@@ -153,7 +154,23 @@ class InterventionGraph(nn.Module):
         with observe(self) as seen, torch.no_grad():
             out = self(*inputs)
         self.record_shapes(seen)
+        self._output_shapes[_per_sample_shapes(inputs)] = tuple(out.shape[1:])
         return out
+
+    def output_shape(self, x: torch.Tensor | Inputs) -> tuple[int, ...]:
+        """The per-sample shape of the output for inputs shaped like ``x``: the one
+        :meth:`describe` saw for that input shape, else that of a one-sample forward pass.
+
+        Example:
+            >>> g = intervene(nn.Sequential(nn.Conv2d(1, 4, 3)), sites="conv")
+            >>> g.output_shape(torch.randn(2, 1, 8, 8))
+            (4, 6, 6)
+        """
+        key = _per_sample_shapes((x,))
+        if key not in self._output_shapes:
+            with torch.no_grad():
+                self._output_shapes[key] = tuple(self(x[:1]).shape[1:])
+        return self._output_shapes[key]
 
     def record_shapes(self, seen: Mapping[str, torch.Tensor]) -> None:
         """Set every site's shape (and resolved channel dim) from one batch's activations.
@@ -187,6 +204,13 @@ class InterventionGraph(nn.Module):
         rows = [(s.name, s.kind, "x".join(map(str, s.shape)) if s.shape else "?", s.channels)
                 for s in self._sites]
         return format_table(rows, ["site", "kind", "shape", "channels"])
+
+
+def _per_sample_shapes(inputs: tuple) -> tuple:
+    """The per-sample shapes and dtypes of a call's input tensors (Inputs unpacked)."""
+    tensors = [t for x in inputs for t in (x.tensors() if isinstance(x, Inputs) else [x])
+               if isinstance(t, torch.Tensor)]
+    return tuple((tuple(t.shape[1:]), t.dtype) for t in tensors)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fxgndi.core.errors import DataError
 from fxgndi.core.names import READOUTS
 from fxgndi.core.outputs import class_layout
-from fxgndi.fx.intervention import InterventionGraph
+from fxgndi.fx.intervention import InterventionGraph, intervene  # noqa: F401  (doctests)
 
 
 def readout(out: torch.Tensor, y: torch.Tensor | None, kind: str) -> torch.Tensor:
@@ -57,8 +57,16 @@ def readout(out: torch.Tensor, y: torch.Tensor | None, kind: str) -> torch.Tenso
 
 
 def readout_width(graph: InterventionGraph, x, y, kind: str) -> int:
-    with torch.no_grad():
-        return readout(graph(x[:1]), None if y is None else y[:1], kind).shape[-1]
+    """K, the readout's width for a batch ``x`` (no forward pass when the graph has seen
+    inputs of that shape: :meth:`InterventionGraph.output_shape`).
+
+    Example:
+        >>> g = intervene(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3)), sites="conv")
+        >>> readout_width(g, torch.randn(2, 1, 8, 8), None, "logits")
+        144
+    """
+    out = torch.zeros((1, *graph.output_shape(x)))
+    return readout(out, None if y is None else y[:1], kind).shape[-1]
 
 
 def check_labels(out: torch.Tensor, y: torch.Tensor | None) -> None:
