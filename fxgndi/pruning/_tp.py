@@ -119,6 +119,49 @@ def prunes_outputs(dg: Any, handler: Any) -> bool:
     return _internal(dg, "is_out_channel_pruning_fn")(handler)
 
 
+def channel_vectors(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters a conv / linear subclass adds besides ``weight`` and ``bias`` that hold
+    one value per output channel (shape ``[C]`` or ``[C, 1, ...]``, such as timm's
+    ``ScaledStdConv2d.gain``): torch-pruning's pruners cut only weight and bias.
+
+    Example:
+        >>> conv = nn.Conv2d(1, 4, 3)
+        >>> conv.gain = nn.Parameter(torch.ones(4, 1, 1, 1))
+        >>> [name for name, _ in channel_vectors(conv)]
+        ['gain']
+    """
+    width = getattr(layer, "out_channels", getattr(layer, "out_features", None))
+    if not isinstance(layer, ROOT_TYPES[:2]) or not isinstance(width, int):
+        return []
+    return [(name, param) for name, param in layer.named_parameters(recurse=False)
+            if name not in ("weight", "bias") and param.dim() >= 1 and param.shape[0] == width
+            and all(size == 1 for size in param.shape[1:])]
+
+
+def prune_group(group: Any) -> None:
+    """``group.prune()``, with the :func:`channel_vectors` of the layers whose output channels
+    it removes cut to the same channels (without them the pruned layer fails its forward).
+
+    Example:
+        >>> for group in pruner.step(interactive=True):  # doctest: +SKIP
+        ...     prune_group(group)
+    """
+    dg, cuts = graph_of(group), {}
+    for item in group:
+        layer = item.dep.target.module
+        vectors = channel_vectors(layer) if isinstance(layer, nn.Module) else []
+        if vectors and prunes_outputs(dg, item.dep.handler):
+            cut = cuts.setdefault(layer, (vectors, vectors[0][1].shape[0], set()))
+            cut[2].update(int(i) for i in item.idxs)
+    group.prune()
+    with torch.no_grad():
+        for layer, (vectors, width, gone) in cuts.items():
+            keep = torch.tensor([c for c in range(width) if c not in gone], dtype=torch.long)
+            for name, param in vectors:
+                setattr(layer, name, nn.Parameter(param[keep.to(param.device)].clone(),
+                                                  requires_grad=param.requires_grad))
+
+
 def traced_modules(dg: Any) -> Iterator[nn.Module]:
     """The modules the dependency graph has a node for.
 

@@ -33,8 +33,8 @@ from fxgndi.fx.trace import bind_defaults, trace
 from fxgndi.fx.widths import (StaticWidth, forward_failure, shape_widths, static_widths,
                               update_widths)
 from fxgndi.pruning import architectures
-from fxgndi.pruning._tp import (RoundLayer, channel_groups, graph_of, make_pruner, runaway_roots,
-                                prunes_inputs, prunes_outputs)
+from fxgndi.pruning._tp import (RoundLayer, channel_groups, graph_of, make_pruner, prune_group,
+                                prunes_inputs, prunes_outputs, runaway_roots)
 from fxgndi.pruning.compensate import compensate_group, consumer_input_means
 from fxgndi.deploy.latency import READINGS, Latency, confirmed, latency_target
 from fxgndi.pruning.latency import PerLatency, layer_latencies
@@ -428,7 +428,7 @@ def _prune_once(model: nn.Module, data: Iterable, example: Any,
                 if means is not None:
                     compensate_group(group, means)
                 tracker.update(group)
-                group.prune()
+                prune_group(group)
                 ties.retie()
             for p in model.parameters():
                 p.grad = None

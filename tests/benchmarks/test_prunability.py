@@ -26,9 +26,10 @@ def test_segmentation_check_refuses_a_wrong_shape():
         case.check({**good, "aux": torch.zeros(2, 4, 16, 16)})
 
 
-def test_timm_row_prunes_and_runs():
+@pytest.mark.parametrize("name", ["test_resnet", "test_nfnet"])  # nfnet: a conv's gain
+def test_timm_row_prunes_and_runs(name):
     pytest.importorskip("timm")
-    row = bench.run_one("test_resnet", "gndi", 0.5, 1, 10, zoo="timm")
+    row = bench.run_one(name, "gndi", 0.5, 1, 10, zoo="timm")
     assert row["traced"] and row["scored"] and row["pruned"] and row["forward"], \
         row.get("error")
     assert row["size"] == 64 and row["macs_after"] < row["macs_before"]

@@ -117,6 +117,35 @@ def test_a_concat_of_unknown_width_builds_and_prunes_as_zeroing():
             model, x, outputs=removed_channels(model, r.kept)))
 
 
+class GainConv(nn.Conv2d):
+    """A conv with one more parameter per output channel, as timm's ScaledStdConv2d has:
+    torch-pruning 1.6 cuts weight and bias only (the pruned NFNet failed its forward)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight * self.gain, self.bias)
+
+
+def test_per_channel_parameters_of_a_conv_subclass_are_cut_with_its_channels():
+    torch.manual_seed(0)
+    model = nn.Sequential(GainConv(3, 8, 3), nn.ReLU(), GainConv(8, 6, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
+    gains = [model[0].gain.detach().clone(), model[2].gain.detach().clone()]
+    x = torch.randn(4, 3, 10, 10)
+    r = fxgndi.prune(model, [(x, torch.randint(0, 3, (4,)))], importance="l1", sparsity=0.5,
+                     repair=False)
+    for name, before in zip(("0", "2"), gains):
+        layer = r.model.get_submodule(name)
+        assert len(r.kept[name]) == layer.out_channels < before.shape[0]
+        torch.testing.assert_close(layer.gain, before[r.kept[name]])
+    with torch.no_grad():
+        torch.testing.assert_close(r.model(x), zeroed_output(
+            model, x, outputs=removed_channels(model, r.kept)))
+
+
 class WideFanOut(nn.Module):
     """A stem read by eight convs (its group: the stem, the ReLU and eight readers) beside
     nine small groups (a side conv or a reader, the concat, the head). torch-pruning builds
