@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fxgndi.core.outputs import class_layout
 from fxgndi.fx.intervention import InterventionGraph, intervene  # noqa: F401  (doctests)
 from fxgndi.gndi.scores import Unit
-from fxgndi.gndi.tangents import SAMPLES_PER_CHUNK, one_hot_alphas, transformable_attention
+from fxgndi.gndi.tangents import SAMPLES_PER_CHUNK, one_hot_alphas, transformable_kernels
 
 
 def ablated_outputs(graph: InterventionGraph, x: torch.Tensor, units: Sequence[Unit],
@@ -27,7 +27,7 @@ def ablated_outputs(graph: InterventionGraph, x: torch.Tensor, units: Sequence[U
     chunk = chunk_size or max(1, SAMPLES_PER_CHUNK // x.shape[0])
     for lo in range(0, len(units), chunk):
         alphas = one_hot_alphas(graph, x, units[lo:lo + chunk])
-        with transformable_attention():
+        with transformable_kernels(graph):
             out = torch.func.vmap(lambda a: graph(x, alphas=a))(alphas)
         yield out
 

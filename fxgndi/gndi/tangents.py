@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import torch
-import torch.nn as nn  # noqa: F401  (doctests)
+import torch.nn as nn
 
 from fxgndi.fx.intervention import InterventionGraph, intervene  # noqa: F401  (doctests)
 from fxgndi.gndi.readouts import readout
@@ -74,7 +74,7 @@ def each_reverse_chunk(graph: InterventionGraph, x: torch.Tensor, y: torch.Tenso
     def f(a: dict[str, torch.Tensor]) -> torch.Tensor:
         return readout(graph(x, alphas=a), y, kind)
 
-    with transformable_attention():
+    with transformable_kernels(graph):
         out, vjp_fn = torch.func.vjp(f, alphas)
         if cotangents is None:
             k = out.shape[-1]
@@ -127,7 +127,7 @@ def forward_tangents(graph: InterventionGraph, x: torch.Tensor, y: torch.Tensor 
     for lo in range(0, len(units), chunk):
         tangents = one_hot_alphas(graph, x, units[lo:lo + chunk])
         primals = {name: v * t for name, v in tangents.items()}
-        with transformable_attention():
+        with transformable_kernels(graph):
             outs.append(torch.func.vmap(jvp)(primals, tangents))  # [U, B, K]
     return torch.cat(outs, 0).movedim(0, 1)
 
@@ -237,22 +237,51 @@ def one_hot_alphas(graph: InterventionGraph, x: torch.Tensor,
 
 
 @contextlib.contextmanager
-def transformable_attention():
-    """Attention kernels that torch.func can transform and batch.
+def transformable_kernels(graph: nn.Module) -> Iterator[None]:
+    """Kernels of ``graph`` that torch.func can transform and batch.
 
     Forward-mode AD fails through the fused attention kernels on CPU, and neither
     ``_native_multi_head_attention`` nor the flash backward has a vmap batching rule (vmap
-    would loop over the batch in Python): use the math kernel and MHA's plain path.
+    would loop over the batch in Python): use the math kernel and MHA's plain path. RNNs (LSTM,
+    GRU) run without oneDNN: under torch.func its RNN kernel keeps no workspace, and the
+    backward fails ("got None for argument 'workspace'": timm's Sequencer2d could not be
+    scored); the native kernel's backward transforms (its forward-mode tangents do not batch).
+
+    Example:
+        >>> lstm = nn.LSTM(2, 3)
+        >>> with transformable_kernels(lstm):
+        ...     _ = torch.func.vjp(lambda x: lstm(x)[0], torch.randn(4, 2))
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    mha = getattr(torch.backends, "mha", None)
-    fastpath = mha.get_fastpath_enabled() if mha else None
-    if mha:
-        mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
+    with contextlib.ExitStack() as stack:
+        mha = getattr(torch.backends, "mha", None)
         if mha:
-            mha.set_fastpath_enabled(fastpath)
+            stack.callback(mha.set_fastpath_enabled, mha.get_fastpath_enabled())
+            mha.set_fastpath_enabled(False)
+        for rnn in (m for m in graph.modules() if isinstance(m, nn.RNNBase)):
+            stack.enter_context(_without_onednn(rnn))
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield
+
+
+@contextlib.contextmanager
+def _without_onednn(module: nn.Module) -> Iterator[None]:
+    """Within the block, ``module``'s forward runs with oneDNN (mkldnn) off, the rest as set."""
+    flags: list[bool] = []  # the setting each running forward found (a stack: reentrant)
+
+    def off(*_: Any) -> None:
+        flags.append(torch.backends.mkldnn.enabled)
+        torch.backends.mkldnn.enabled = False
+
+    def restore(*_: Any) -> None:
+        torch.backends.mkldnn.enabled = flags.pop()
+
+    pre, post = module.register_forward_pre_hook(off), module.register_forward_hook(restore)
+    try:
+        yield
+    finally:
+        pre.remove()
+        post.remove()
+        while flags:  # a forward that raised never reached its post hook
+            restore()

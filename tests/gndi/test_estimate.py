@@ -61,6 +61,29 @@ def test_channel_tangents_match_finite_differences_and_sum_to_the_layer(tiny64):
         torch.testing.assert_close(per_channel[:, c], fd, rtol=1e-6, atol=1e-8)
 
 
+class Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.lstm, self.head = nn.Linear(3, 6), nn.LSTM(6, 5, batch_first=True), \
+            nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(torch.relu(self.embed(x)))[0][:, -1])
+
+
+def test_reverse_tangents_through_an_lstm_match_finite_differences():
+    # float32 on CPU runs oneDNN's LSTM, whose backward failed under torch.func (no workspace)
+    torch.manual_seed(0)
+    model = Recurrent().eval()
+    x = torch.randn(4, 7, 3)
+    g = fxgndi.intervene(model, "embed", example_inputs=x)
+    with torch.no_grad():
+        tangent = reverse_tangents(g, x, None)["embed"]
+    fd = finite_difference(model, model.embed, x, lambda h: -h, eps=1e-2)
+    torch.testing.assert_close(tangent, fd, rtol=1e-3, atol=1e-4)
+    assert torch.backends.mkldnn.enabled
+
+
 def test_score_is_the_mean_p_norm_of_the_tangent(tiny64):
     x = torch.randn(6, 2, 6, 6, dtype=torch.float64)
     fd = finite_difference(tiny64, tiny64.conv2, x, lambda h: -h)
