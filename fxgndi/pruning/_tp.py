@@ -426,6 +426,26 @@ def _skip_unknown_concat(original: Callable) -> Callable:
     return update
 
 
+def _forget_unknown_split_sizes(original: Callable) -> Callable:
+    """torch-pruning's shape inference, then no split sizes (and no offsets) for a split it
+    could size only in part: a split whose autograd node saves one ``split_size`` with a
+    symbolic input size (``x.chunk(2, -1)``, a rotary embedding's rotate-half) is sized by
+    inferring each output's channels, which come out None, and its pruner then raised
+    ``TypeError: int + NoneType`` summing them (timm's DINOv3 ViTs). Without sizes the pruner
+    leaves the split as it is and no index map goes through it, as for any split along a
+    dim other than channels."""
+
+    @functools.wraps(original)
+    def init(graph: Any) -> None:
+        original(graph)
+        for node in graph.module2node.values():
+            sizes = getattr(node.module, "split_sizes", None) \
+                if node.type == tp.ops.OPTYPE.SPLIT else None
+            if sizes is not None and any(size is None for size in sizes):
+                node.module.split_sizes = node.module.offsets = None
+    return init
+
+
 def _patch_index_mapping() -> None:
     index_mapping = getattr(getattr(tp, "dependency", None), "index_mapping", None)
     names = ("update_index_mapping", "update_concat_index_mapping", "_GQAIndexMapping")
@@ -435,6 +455,9 @@ def _patch_index_mapping() -> None:
     index_mapping.update_index_mapping = _drop_broadcast_gqa(index_mapping.update_index_mapping)
     index_mapping.update_concat_index_mapping = _skip_unknown_concat(
         index_mapping.update_concat_index_mapping)
+    shape_infer = tp.dependency.shape_infer
+    shape_infer.init_shape_information = _forget_unknown_split_sizes(
+        shape_infer.init_shape_information)
     index_mapping._fxgndi_patched = True
 
 

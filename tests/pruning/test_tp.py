@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -144,6 +145,22 @@ def test_per_channel_parameters_of_a_conv_subclass_are_cut_with_its_channels():
     with torch.no_grad():
         torch.testing.assert_close(r.model(x), zeroed_output(
             model, x, outputs=removed_channels(model, r.kept)))
+
+
+def test_a_split_sized_only_in_part_gets_no_sizes():
+    # DINOv3's rotary chunk: torch-pruning inferred [None, None] sizes, and its split pruner
+    # raised TypeError summing them; a fully sized split keeps its sizes
+    def node(sizes):
+        return SimpleNamespace(type=tp.ops.OPTYPE.SPLIT, module=SimpleNamespace(
+            split_sizes=sizes, offsets=[0, 4]))
+
+    part, full = node([None, 4]), node([4, 4])
+    graph = SimpleNamespace(module2node={"a": part, "b": full})
+    _tp._forget_unknown_split_sizes(lambda g: None)(graph)
+    assert part.module.split_sizes is None and part.module.offsets is None
+    assert full.module.split_sizes == [4, 4]
+    pruner = tp.dependency.graph.DependencyGraph().REGISTERED_PRUNERS[tp.ops.OPTYPE.SPLIT]
+    pruner.prune_out_channels(part.module, [0])  # no sizes: the split is left as it is
 
 
 class WideFanOut(nn.Module):
