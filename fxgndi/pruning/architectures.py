@@ -1,7 +1,7 @@
 """What torch-pruning needs to know about an architecture it cannot prune out of the box.
 
-torch-pruning builds its dependency graph from the autograd graph of one forward pass. Five
-kinds of torchvision modules defeat that, each for a reason found in its forward code:
+torch-pruning builds its dependency graph from the autograd graph of one forward pass. These
+kinds of modules defeat that, each for a reason found in its forward code:
 
 * channel shuffle (ShuffleNetV2): ``view -> transpose -> view`` interleaves the two halves of a
   concatenation. torch-pruning's reshape rule divides by zero on it; and a shuffle stays a
@@ -38,9 +38,13 @@ kinds of torchvision modules defeat that, each for a reason found in its forward
   any other norm that is a per-channel affine map held in buffers): its forward reads the
   buffers ``weight`` / ``bias`` / ``running_mean`` / ``running_var``, which torch-pruning does not
   know it must prune (the pruned model fails with a size mismatch). Each is one opaque node with
-  :class:`FrozenNormPruner`, which prunes those buffers with its channels (in and out coupled,
+  :class:`ChannelNormPruner`, which prunes those buffers with its channels (in and out coupled,
   like a BatchNorm). Recognised by layout, not by class (:func:`is_frozen_norm`), so detectron2's
   and timm's copies are handled too.
+* norms that hold their width in ``normalized_shape`` and that torch-pruning does not know
+  (``nn.RMSNorm``, timm's ``RmsNorm``: Gemma 4's ViT): torch-pruning prunes their weight as a
+  loose parameter and leaves ``normalized_shape``; each is one node with
+  :class:`ChannelNormPruner` too (:func:`is_shaped_norm`).
 
 ConvNeXt's ``layer_scale`` ([C, 1, 1]) and ViT's class token / position embedding are found by
 torch-pruning's unwrapped-parameter detection, which prunes their last non-singleton dim: right
@@ -270,33 +274,72 @@ def is_frozen_norm(module: nn.Module) -> bool:
     return len(shapes) == 1 and len(next(iter(shapes))) == 1
 
 
-class FrozenNormPruner(tp.BasePruningFunc):
-    """A frozen BatchNorm (:func:`is_frozen_norm`): removes the channels from each of its 1-D
-    buffers of the channel count (and ``num_features`` when it has one); in and out coupled.
+def is_shaped_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm torch-pruning does not know that holds its width in
+    ``normalized_shape`` (one dim) besides 1-D parameters / buffers of that width:
+    ``nn.RMSNorm``, timm's ``RmsNorm``. torch-pruning prunes its weight as a loose parameter
+    and leaves ``normalized_shape``, and the pruned model fails its forward.
+
+    Example:
+        >>> is_shaped_norm(nn.RMSNorm(4)), is_shaped_norm(nn.LayerNorm(4))
+        (True, False)
+    """
+    if isinstance(module, tp.ops.TORCH_LAYERNORM) or next(module.children(), None) is not None:
+        return False
+    shape = getattr(module, "normalized_shape", None)
+    shape = (shape,) if isinstance(shape, int) else shape
+    if not isinstance(shape, (tuple, list)) or len(shape) != 1 or not isinstance(shape[0], int):
+        return False
+    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    return bool(tensors) and all(t.shape == (shape[0],) for t in tensors)
+
+
+class ChannelNormPruner(tp.BasePruningFunc):
+    """A norm that is a per-channel map torch-pruning does not know (:func:`is_frozen_norm`,
+    :func:`is_shaped_norm`): removes the channels from each of its 1-D parameters and buffers
+    of the channel count, and from ``num_features`` / ``normalized_shape`` when it has them; in
+    and out coupled, like a BatchNorm.
 
     Example:
         >>> from torchvision.ops.misc import FrozenBatchNorm2d
         >>> bn = FrozenBatchNorm2d(4)
         >>> bn.running_mean += torch.arange(4.)
-        >>> _ = FrozenNormPruner().prune_out_channels(bn, [1, 2])
+        >>> _ = ChannelNormPruner().prune_out_channels(bn, [1, 2])
         >>> bn.running_mean.tolist(), bn.weight.shape
         ([0.0, 3.0], torch.Size([2]))
+        >>> rms = nn.RMSNorm(4)
+        >>> _ = ChannelNormPruner().prune_out_channels(rms, [0])
+        >>> rms.normalized_shape, rms.weight.shape
+        ((3,), torch.Size([3]))
     """
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         width = self.get_out_channels(layer)
         gone = {int(i) for i in idxs}
         keep = torch.tensor([c for c in range(width) if c not in gone], dtype=torch.long)
-        for name, buffer in list(layer.named_buffers(recurse=False)):
-            if buffer is not None and buffer.dim() == 1 and buffer.shape[0] == width:
-                setattr(layer, name, buffer[keep.to(buffer.device)].clone())
+        with torch.no_grad():
+            for name, param in list(layer.named_parameters(recurse=False)):
+                if param.shape == (width,):
+                    setattr(layer, name, nn.Parameter(param[keep.to(param.device)].clone(),
+                                                      requires_grad=param.requires_grad))
+            for name, buffer in list(layer.named_buffers(recurse=False)):
+                if buffer is not None and buffer.shape == (width,):
+                    setattr(layer, name, buffer[keep.to(buffer.device)].clone())
         if isinstance(getattr(layer, "num_features", None), int):
             layer.num_features = len(keep)
+        shape = getattr(layer, "normalized_shape", None)
+        if isinstance(shape, int):
+            layer.normalized_shape = len(keep)
+        elif isinstance(shape, (tuple, list)):
+            layer.normalized_shape = type(shape)([len(keep)])
         return layer
 
     prune_in_channels = prune_out_channels  # a per-channel map: in and out are one set
 
     def get_out_channels(self, layer: nn.Module) -> int:
+        shape = getattr(layer, "normalized_shape", None)
+        if shape is not None:
+            return int(shape if isinstance(shape, int) else shape[0])
         return int(layer.weight.shape[0])
 
     get_in_channels = get_out_channels
@@ -358,7 +401,7 @@ def plan_for(model: nn.Module) -> ArchitecturePlan:
     plan = ArchitecturePlan()
     modules = list(model.modules())
     for family in (_channel_shuffle, _window_attention, _partition_attention,
-                   _multihead_attention, _frozen_norm):
+                   _multihead_attention, _channel_norms):
         family(model, modules, plan)
     return plan
 
@@ -408,12 +451,13 @@ def _multihead_attention(model: nn.Module, modules: list[nn.Module],
     plan.after.append(lambda pruned: keep_attention_scale(head_dims))
 
 
-def _frozen_norm(model: nn.Module, modules: list[nn.Module], plan: ArchitecturePlan) -> None:
-    kinds = {type(m) for m in modules if is_frozen_norm(m)}
-    if not kinds:
-        return
-    plan.families.append("frozen BatchNorm")
-    plan.customized_pruners.update({kind: FrozenNormPruner() for kind in kinds})
+def _channel_norms(model: nn.Module, modules: list[nn.Module], plan: ArchitecturePlan) -> None:
+    for label, found in (("frozen BatchNorm", is_frozen_norm),
+                         ("normalized-shape norm", is_shaped_norm)):
+        kinds = {type(m) for m in modules if found(m)}
+        if kinds:
+            plan.families.append(label)
+            plan.customized_pruners.update({kind: ChannelNormPruner() for kind in kinds})
 
 
 def keep_attention_scale(head_dims: dict[nn.MultiheadAttention, int]) -> None:

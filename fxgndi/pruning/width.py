@@ -117,9 +117,9 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
             anything else random), ``progress`` (default False), ...
 
     Channel shuffles (ShuffleNetV2), windowed attention (Swin V1 / V2), partition attention
-    (MaxViT), ``nn.MultiheadAttention`` (ViT) and frozen BatchNorms (torchvision's
-    ``FrozenBatchNorm2d``, detection backbones) are recognised from the model's modules and
-    handled by :mod:`fxgndi.pruning.architectures` (named in ``settings["architectures"]``).
+    (MaxViT), ``nn.MultiheadAttention`` (ViT), frozen BatchNorms (torchvision's
+    ``FrozenBatchNorm2d``, detection backbones) and RMS norms (``nn.RMSNorm``) are recognised
+    from the model's modules and handled by :mod:`fxgndi.pruning.architectures` (named in ``settings["architectures"]``).
 
     Widths the model's code holds (:mod:`fxgndi.fx.widths`): one held in an attribute is
     updated (``settings["updated_widths"]``); a literal one, or a size read off another

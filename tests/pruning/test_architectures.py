@@ -255,3 +255,35 @@ def test_frozen_batchnorm_resnet18_prunes_to_half_its_macs_and_equals_zeroing():
                       example_inputs=x[:1])
     assert {n: reference.kept[n] for n in r.kept} == r.kept
     assert len(r.kept) == 21  # the 20 convs and fc (FrozenBatchNorm2d is no tracked layer)
+
+
+class RmsTokens(nn.Module):
+    """Tokens through Linear -> RMSNorm -> Linear: torch-pruning 1.6 knows no RMS norm, pruned
+    its weight as a loose parameter and left normalized_shape (timm's Gemma 4 ViT failed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.norm, self.head = nn.Linear(6, 16), nn.RMSNorm(16, eps=1e-6), \
+            nn.Linear(16, 3)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.up(x))).mean(1)
+
+
+def test_an_rms_norm_is_pruned_with_its_channels_and_computes_over_the_kept_ones():
+    torch.manual_seed(0)
+    model = RmsTokens().eval()
+    x = torch.randn(4, 5, 6)
+    r = prune(model, [(x, torch.randint(0, 3, (4,)))], sparsity=0.5, importance="l1",
+              repair=False)
+    kept = r.kept["up"]
+    assert r.settings["architectures"] == ["normalized-shape norm"]
+    assert r.model.norm.normalized_shape == (len(kept),) and len(kept) < 16
+    # by hand: the RMS norm of the kept channels only, then the head's kept columns
+    with torch.no_grad():
+        h = model.up(x)[..., kept]
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * model.norm.weight[kept]
+        expected = (h @ model.head.weight[:, kept].T + model.head.bias).mean(1)
+        torch.testing.assert_close(r.model(x), expected, rtol=1e-5, atol=1e-6)
