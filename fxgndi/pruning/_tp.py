@@ -9,10 +9,15 @@ to round each layer to its own multiple: :func:`make_pruner`). They are reached 
 the functions here, checked against the versions fxgndi was tested with (:data:`TESTED`): on
 another version a missing internal is a clear error naming it.
 
-torch-pruning 1.6 reads every 5-D ``expand`` as grouped-query attention, and its index map
-divides by zero on a broadcast (timm's GCViT and Hiera: no group can be formed at all); on the
-tested versions its index-map update is wrapped once, at import, to drop just those maps
-(:func:`_drop_broadcast_gqa`).
+On the tested versions a few of torch-pruning's graph-building functions are wrapped once, at
+import, where they fail on real models (each wrapper's docstring names the model): a 5-D
+``expand`` read as grouped-query attention (:func:`_drop_broadcast_gqa`), a concat or split of
+unknown width (:func:`_skip_unknown_concat`, :func:`_forget_unknown_split_sizes`,
+:func:`_unknown_on_short_split_sizes`), a split piece read by several nodes
+(:func:`_pair_split_pieces`), a reshape map dividing by 0 channels
+(:func:`_no_reshape_map_on_zero`), and groups that grow without end
+(:func:`_bound_group_building`). A layer's per-channel parameters besides weight and bias are
+pruned by :func:`prune_group`.
 
 Example:
     >>> tested_version()
@@ -446,9 +451,74 @@ def _forget_unknown_split_sizes(original: Callable) -> Callable:
     return init
 
 
+def _unknown_on_short_split_sizes(original: Callable) -> Callable:
+    """torch-pruning's recursive channel inference, but None (unknown) where it indexes a
+    split's sizes by an output node's position past their end: it pairs the i-th consumer of
+    a split with its i-th piece, and a piece read by several nodes (a rotary embedding's
+    halves, timm's Gemma4 ViT) makes more consumers than pieces (IndexError: the dependency
+    graph could not be built)."""
+
+    @functools.wraps(original)
+    def infer(graph: Any, node: Any, recursive_depth: list) -> Any:
+        try:
+            return original(graph, node, recursive_depth)
+        except IndexError:
+            return None
+    return infer
+
+
+def _pair_split_pieces(original: Callable) -> Callable:
+    """torch-pruning's split index map, with each consumer of the split paired with the piece
+    it reads. torch-pruning pairs the i-th consumer node with the i-th piece, which holds only
+    while every piece has one reader: a rotary embedding reads each half twice, and the
+    maps came out wrong or past the offsets' end (IndexError). The piece a consumer reads is
+    the output number of its autograd edge to the split; the original runs once per round of
+    consumers laid out by piece, so its own rules (which dims it maps) apply unchanged."""
+
+    @functools.wraps(original)
+    def update(graph: Any, split_node: Any) -> None:
+        sizes = getattr(split_node.module, "split_sizes", None) \
+            if split_node.type == tp.ops.OPTYPE.SPLIT else None
+        if sizes is None or len(split_node.outputs) == len(sizes):
+            return original(graph, split_node)
+        readers: list[list[Any]] = [[] for _ in sizes]
+        for node in split_node.outputs:
+            pieces = {nr for fn, nr in getattr(node.grad_fn, "next_functions", ())
+                      if fn is split_node.grad_fn}
+            if len(pieces) != 1 or not 0 <= min(pieces) < len(sizes):
+                return  # reads several pieces (or none known): no map is right for it
+            readers[pieces.pop()].append(node)
+        outputs = split_node.outputs
+        try:
+            for round_ in range(max(map(len, readers))):
+                split_node.outputs = [r[round_] if round_ < len(r) else _NO_NODE for r in readers]
+                original(graph, split_node)
+        finally:
+            split_node.outputs = outputs
+    return update
+
+
+_NO_NODE = object()  # a consumer slot no dependency targets
+
+
+def _no_reshape_map_on_zero(original: Callable) -> Callable:
+    """torch-pruning's reshape index map, but none where it inferred 0 channels on one side
+    (its own note: a residual connection to the model's inputs), which it divided by
+    (ZeroDivisionError: timm's SHViT). The error comes before any map is set."""
+
+    @functools.wraps(original)
+    def update(graph: Any, reshape_node: Any) -> None:
+        try:
+            original(graph, reshape_node)
+        except ZeroDivisionError:
+            return
+    return update
+
+
 def _patch_index_mapping() -> None:
     index_mapping = getattr(getattr(tp, "dependency", None), "index_mapping", None)
-    names = ("update_index_mapping", "update_concat_index_mapping", "_GQAIndexMapping")
+    names = ("update_index_mapping", "update_concat_index_mapping", "update_reshape_index_mapping",
+             "update_split_index_mapping", "_GQAIndexMapping")
     if index_mapping is None or not all(hasattr(index_mapping, n) for n in names) \
             or getattr(index_mapping, "_fxgndi_patched", False):
         return
@@ -458,6 +528,12 @@ def _patch_index_mapping() -> None:
     shape_infer = tp.dependency.shape_infer
     shape_infer.init_shape_information = _forget_unknown_split_sizes(
         shape_infer.init_shape_information)
+    shape_infer.infer_out_channels_recursively = _unknown_on_short_split_sizes(
+        shape_infer.infer_out_channels_recursively)
+    index_mapping.update_reshape_index_mapping = _no_reshape_map_on_zero(
+        index_mapping.update_reshape_index_mapping)
+    index_mapping.update_split_index_mapping = _pair_split_pieces(
+        index_mapping.update_split_index_mapping)
     index_mapping._fxgndi_patched = True
 
 

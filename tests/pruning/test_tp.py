@@ -163,6 +163,56 @@ def test_a_split_sized_only_in_part_gets_no_sizes():
     pruner.prune_out_channels(part.module, [0])  # no sizes: the split is left as it is
 
 
+class SingleHeadAttention(nn.Module):
+    """SHViT's single-head attention: torch-pruning infers 0 channels for the attention's
+    product and divided by them in its reshape map (ZeroDivisionError)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.qkv = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 8, 1)
+        self.proj, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        b, _, h, w = x.shape
+        x1, x2 = torch.split(x, [4, 4], dim=1)
+        q, k, v = torch.split(self.qkv(x1), [2, 2, 4], dim=1)
+        q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
+        attn = (q.transpose(-2, -1) @ k).softmax(-1)
+        x1 = (v @ attn.transpose(-2, -1)).reshape(b, 4, h, w)
+        return self.fc(torch.relu(self.proj(torch.cat([x1, x2], 1))).mean((2, 3)))
+
+
+class Rotary(nn.Module):
+    """A rotary embedding: each half of a split read twice, so torch-pruning found more
+    consumers than pieces and indexed the split's sizes past their end (IndexError)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.q, self.fc = nn.Linear(6, 6), nn.Linear(6, 8), nn.Linear(8, 3)
+        self.register_buffer("sin", torch.randn(5, 4))
+        self.register_buffer("cos", torch.randn(5, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.q(torch.relu(self.pre(x))).split([4, 4], -1)
+        h = torch.cat([a * self.cos - b * self.sin, b * self.cos + a * self.sin], -1)
+        return self.fc(h).mean(1)
+
+
+@pytest.mark.parametrize("cls, shape, pruned", [(SingleHeadAttention, (4, 3, 4, 4), "proj"),
+                                                (Rotary, (4, 5, 6), "pre")])
+def test_graphs_torch_pruning_could_not_build_prune_as_zeroing(cls, shape, pruned):
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = torch.randn(*shape)
+    r = fxgndi.prune(model, [(x, torch.randint(0, 3, (4,)))], importance="l1", sparsity=0.5,
+                     repair=False)
+    assert 0 < len(r.kept[pruned]) < model.get_submodule(pruned).weight.shape[0]
+    with torch.no_grad():
+        torch.testing.assert_close(r.model(x), zeroed_output(
+            model, x, outputs=removed_channels(model, r.kept)))
+
+
 class WideFanOut(nn.Module):
     """A stem read by eight convs (its group: the stem, the ReLU and eight readers) beside
     nine small groups (a side conv or a reader, the concat, the head). torch-pruning builds
