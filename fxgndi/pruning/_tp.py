@@ -12,8 +12,8 @@ another version a missing internal is a clear error naming it.
 On the tested versions a few of torch-pruning's graph-building functions are wrapped once, at
 import, where they fail on real models (each wrapper's docstring names the model): a 5-D
 ``expand`` read as grouped-query attention (:func:`_drop_broadcast_gqa`), a concat or split of
-unknown width (:func:`_skip_unknown_concat`, :func:`_forget_unknown_split_sizes`,
-:func:`_unknown_on_short_split_sizes`), a split piece read by several nodes
+unknown width (:func:`_skip_unknown_concat`, :func:`_exact_split_sizes`,
+:func:`_split_piece_channels`), a split piece read by several nodes
 (:func:`_pair_split_pieces`), a reshape map dividing by 0 channels
 (:func:`_no_reshape_map_on_zero`), and groups that grow without end
 (:func:`_bound_group_building`). A layer's per-channel parameters besides weight and bias are
@@ -431,74 +431,122 @@ def _skip_unknown_concat(original: Callable) -> Callable:
     return update
 
 
-def _forget_unknown_split_sizes(original: Callable) -> Callable:
-    """torch-pruning's shape inference, then no split sizes (and no offsets) for a split it
-    could size only in part: a split whose autograd node saves one ``split_size`` with a
-    symbolic input size (``x.chunk(2, -1)``, a rotary embedding's rotate-half) is sized by
-    inferring each output's channels, which come out None, and its pruner then raised
-    ``TypeError: int + NoneType`` summing them (timm's DINOv3 ViTs). Without sizes the pruner
-    leaves the split as it is and no index map goes through it, as for any split along a
-    dim other than channels."""
+def _exact_split_sizes(original: Callable) -> Callable:
+    """torch-pruning's shape inference, then the exact sizes of every split whose autograd
+    node saves one ``split_size`` (``torch.split(x, 32, 1)``, ``x.chunk(2, -1)``): torch-pruning
+    looks for ``_saved_self_sizes`` there, which current PyTorch names ``_saved_self_sym_sizes``,
+    and falls back to inferring each consumer's channels in the order it met them: Res2Net's
+    split came out [128, 32, 32, 32] for four pieces of 32 (the concat reading the last piece
+    counted all of its inputs), and a rotary embedding's [None, None] made its split pruner
+    raise ``TypeError: int + NoneType`` (DINOv3 ViTs). The pieces are ``split_size`` each, the
+    last one the remainder, along the saved dim. A split still sized only in part gets no
+    sizes (and no offsets): the pruner then leaves it as it is and no index map goes through
+    it, as for any split along a dim other than channels."""
 
     @functools.wraps(original)
     def init(graph: Any) -> None:
         original(graph)
         for node in graph.module2node.values():
-            sizes = getattr(node.module, "split_sizes", None) \
-                if node.type == tp.ops.OPTYPE.SPLIT else None
-            if sizes is not None and any(size is None for size in sizes):
+            if node.type != tp.ops.OPTYPE.SPLIT:
+                continue
+            sizes = _split_pieces(node.grad_fn)
+            if sizes is not None:
+                offsets = [0]
+                for size in sizes:
+                    offsets.append(offsets[-1] + size)
+                node.module.split_sizes, node.module.offsets = sizes, offsets
+            elif node.module.split_sizes is not None \
+                    and any(size is None for size in node.module.split_sizes):
                 node.module.split_sizes = node.module.offsets = None
     return init
 
 
-def _unknown_on_short_split_sizes(original: Callable) -> Callable:
-    """torch-pruning's recursive channel inference, but None (unknown) where it indexes a
-    split's sizes by an output node's position past their end: it pairs the i-th consumer of
-    a split with its i-th piece, and a piece read by several nodes (a rotary embedding's
-    halves, timm's Gemma4 ViT) makes more consumers than pieces (IndexError: the dependency
-    graph could not be built)."""
+def _split_pieces(grad_fn: Any) -> list[int] | None:
+    """The piece sizes of a split into equal pieces, from its autograd node (None for others)."""
+    size, dim = getattr(grad_fn, "_saved_split_size", None), getattr(grad_fn, "_saved_dim", None)
+    shape = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    if not isinstance(size, int) or size <= 0 or not isinstance(dim, int) or not shape:
+        return None
+    dim = dim - 2 ** 64 if dim >= 2 ** 63 else dim  # saved as unsigned: -1 is 2 ** 64 - 1
+    if not -len(shape) <= dim < len(shape):
+        return None
+    total = int(shape[dim])
+    return [min(size, total - lo) for lo in range(0, total, size)]
+
+
+def _split_piece_channels(original: Callable) -> Callable:
+    """torch-pruning's recursive channel inference, with a split's reader given the size of
+    the piece it reads. torch-pruning takes the size at the reader's position among the
+    split's consumers, in the order its traversal met them (Res2Net, CSPNet: the wrong piece's
+    size; a piece read twice, as a rotary embedding's halves are: an index past the sizes'
+    end, IndexError). While the reader's channels are inferred, the split lists the reader at
+    the position of the piece its autograd edge reads; an index past the end still means
+    unknown (None)."""
 
     @functools.wraps(original)
     def infer(graph: Any, node: Any, recursive_depth: list) -> Any:
+        laid_out = []
+        for split in node.inputs:
+            sizes = getattr(split.module, "split_sizes", None) \
+                if split.type == tp.ops.OPTYPE.SPLIT else None
+            pieces = {nr for fn, nr in getattr(node.grad_fn, "next_functions", ())
+                      if fn is split.grad_fn} if sizes else set()
+            if len(pieces) == 1 and min(pieces) < len(sizes):
+                laid_out.append((split, split.outputs))
+                split.outputs = [_NO_READER] * min(pieces) + [node]
         try:
             return original(graph, node, recursive_depth)
         except IndexError:
             return None
+        finally:
+            for split, outputs in laid_out:
+                split.outputs = outputs
     return infer
 
 
 def _pair_split_pieces(original: Callable) -> Callable:
     """torch-pruning's split index map, with each consumer of the split paired with the piece
-    it reads. torch-pruning pairs the i-th consumer node with the i-th piece, which holds only
-    while every piece has one reader: a rotary embedding reads each half twice, and the
-    maps came out wrong or past the offsets' end (IndexError). The piece a consumer reads is
-    the output number of its autograd edge to the split; the original runs once per round of
-    consumers laid out by piece, so its own rules (which dims it maps) apply unchanged."""
+    it reads. torch-pruning pairs the i-th consumer node with the i-th piece: the nodes come in
+    the order its backward traversal met them, not in piece order (Res2Net's split, read by a
+    conv, two adds and a concat, mapped indices past a layer's width: IndexError), and a piece
+    read by several nodes (a rotary embedding's halves) makes more consumers than pieces. The
+    piece a consumer reads is the output number of its autograd edge to the split; the
+    original runs once per round of consumers laid out by piece, so its own rules (which dims
+    it maps) apply unchanged. A consumer reading several pieces falls back to the original."""
 
     @functools.wraps(original)
     def update(graph: Any, split_node: Any) -> None:
         sizes = getattr(split_node.module, "split_sizes", None) \
             if split_node.type == tp.ops.OPTYPE.SPLIT else None
-        if sizes is None or len(split_node.outputs) == len(sizes):
-            return original(graph, split_node)
-        readers: list[list[Any]] = [[] for _ in sizes]
-        for node in split_node.outputs:
+        readers: list[list[Any]] = [[] for _ in sizes or ()]
+        for node in split_node.outputs if sizes else ():
             pieces = {nr for fn, nr in getattr(node.grad_fn, "next_functions", ())
                       if fn is split_node.grad_fn}
             if len(pieces) != 1 or not 0 <= min(pieces) < len(sizes):
-                return  # reads several pieces (or none known): no map is right for it
+                readers = []
+                break
             readers[pieces.pop()].append(node)
+        if not readers:
+            if sizes is None or len(split_node.outputs) == len(sizes):
+                original(graph, split_node)
+            return  # more readers than pieces, not all of one piece: no map is right
         outputs = split_node.outputs
         try:
             for round_ in range(max(map(len, readers))):
-                split_node.outputs = [r[round_] if round_ < len(r) else _NO_NODE for r in readers]
+                split_node.outputs = [r[round_] if round_ < len(r) else _NO_READER for r in readers]
                 original(graph, split_node)
         finally:
             split_node.outputs = outputs
     return update
 
 
-_NO_NODE = object()  # a consumer slot no dependency targets
+class _NoReader:
+    """A piece's slot in a round without a reader of it: no dependency targets it."""
+
+    dependencies: tuple = ()
+
+
+_NO_READER = _NoReader()
 
 
 def _no_reshape_map_on_zero(original: Callable) -> Callable:
@@ -526,9 +574,9 @@ def _patch_index_mapping() -> None:
     index_mapping.update_concat_index_mapping = _skip_unknown_concat(
         index_mapping.update_concat_index_mapping)
     shape_infer = tp.dependency.shape_infer
-    shape_infer.init_shape_information = _forget_unknown_split_sizes(
+    shape_infer.init_shape_information = _exact_split_sizes(
         shape_infer.init_shape_information)
-    shape_infer.infer_out_channels_recursively = _unknown_on_short_split_sizes(
+    shape_infer.infer_out_channels_recursively = _split_piece_channels(
         shape_infer.infer_out_channels_recursively)
     index_mapping.update_reshape_index_mapping = _no_reshape_map_on_zero(
         index_mapping.update_reshape_index_mapping)

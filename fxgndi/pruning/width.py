@@ -119,7 +119,8 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
     Channel shuffles (ShuffleNetV2), windowed attention (Swin V1 / V2), partition attention
     (MaxViT), ``nn.MultiheadAttention`` (ViT), frozen BatchNorms (torchvision's
     ``FrozenBatchNorm2d``, detection backbones) and RMS norms (``nn.RMSNorm``) are recognised
-    from the model's modules and handled by :mod:`fxgndi.pruning.architectures` (named in ``settings["architectures"]``).
+    from the model's modules and handled by :mod:`fxgndi.pruning.architectures` (named in
+    ``settings["architectures"]``).
 
     Widths the model's code holds (:mod:`fxgndi.fx.widths`): one held in an attribute is
     updated (``settings["updated_widths"]``); a literal one, or a size read off another

@@ -151,12 +151,12 @@ def test_a_split_sized_only_in_part_gets_no_sizes():
     # DINOv3's rotary chunk: torch-pruning inferred [None, None] sizes, and its split pruner
     # raised TypeError summing them; a fully sized split keeps its sizes
     def node(sizes):
-        return SimpleNamespace(type=tp.ops.OPTYPE.SPLIT, module=SimpleNamespace(
+        return SimpleNamespace(type=tp.ops.OPTYPE.SPLIT, grad_fn=None, module=SimpleNamespace(
             split_sizes=sizes, offsets=[0, 4]))
 
     part, full = node([None, 4]), node([4, 4])
     graph = SimpleNamespace(module2node={"a": part, "b": full})
-    _tp._forget_unknown_split_sizes(lambda g: None)(graph)
+    _tp._exact_split_sizes(lambda g: None)(graph)
     assert part.module.split_sizes is None and part.module.offsets is None
     assert full.module.split_sizes == [4, 4]
     pruner = tp.dependency.graph.DependencyGraph().REGISTERED_PRUNERS[tp.ops.OPTYPE.SPLIT]
@@ -208,6 +208,46 @@ def test_graphs_torch_pruning_could_not_build_prune_as_zeroing(cls, shape, prune
     r = fxgndi.prune(model, [(x, torch.randint(0, 3, (4,)))], importance="l1", sparsity=0.5,
                      repair=False)
     assert 0 < len(r.kept[pruned]) < model.get_submodule(pruned).weight.shape[0]
+    with torch.no_grad():
+        torch.testing.assert_close(r.model(x), zeroed_output(
+            model, x, outputs=removed_channels(model, r.kept)))
+
+
+class Res2Stage(nn.Module):
+    """Res2Net's split: equal pieces (one saved split_size), read by a conv, an add chain and
+    the final concat. torch-pruning sized the pieces by its consumers in the order it met
+    them ([12, 4, 4, 4] for four pieces of 4) and paired consumer i with piece i."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 1)
+        self.convs = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+        self.conv3, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pieces = torch.split(torch.relu(self.conv1(x)), 4, 1)
+        sp, out = pieces[0], []
+        for i, conv in enumerate(self.convs):
+            sp = torch.relu(conv(sp if i == 0 else sp + pieces[i]))
+            out.append(sp)
+        h = torch.relu(self.conv3(torch.cat([*out, pieces[3]], 1)))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_a_split_into_equal_pieces_prunes_within_each_piece_as_zeroing():
+    torch.manual_seed(0)
+    model = Res2Stage().eval()
+    x = torch.randn(4, 3, 6, 6)
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+    group = dg.get_pruning_group(model.conv1, tp.prune_conv_out_channels, [1, 6, 15])
+    for item in group:  # torch-pruning sent conv1 indices up to 35 (of 16) before
+        layer = item.dep.target.module
+        if isinstance(layer, nn.Conv2d):
+            inputs = _tp.prunes_inputs_only(dg, item.dep.handler)
+            assert max(item.idxs) < (layer.in_channels if inputs else layer.out_channels)
+    r = fxgndi.prune(model, [(x, torch.randint(0, 3, (4,)))], importance="l1", sparsity=0.5,
+                     repair=False)
+    assert len(r.kept["convs.2"]) < 4  # conv1 keeps its 16: the code splits in 4s
     with torch.no_grad():
         torch.testing.assert_close(r.model(x), zeroed_output(
             model, x, outputs=removed_channels(model, r.kept)))
