@@ -585,6 +585,36 @@ def _patch_index_mapping() -> None:
     index_mapping._fxgndi_patched = True
 
 
+def _member_channel_groups(original: Callable) -> Callable:
+    """``BasePruner._get_channel_groups``, counting a grouped member (a grouped conv, a
+    GroupNorm) in the root's channels: a member that sees ``1/k`` of the root's channels (one
+    piece of a split) with ``g`` groups needs ``k * g`` equal blocks of the root pruned alike.
+    torch-pruning took ``g`` (Res2NeXt: a 128-channel root split into four 32-channel pieces,
+    each read by a conv of 8 groups, was pruned in 8 blocks of 16; each conv's groups of 4 then
+    lost different positions, and its in-channel pruning, which keeps the first ``len / g``
+    kept indices, indexed past its weight)."""
+
+    @functools.wraps(original)
+    def get(self: Any, group: Any) -> int:
+        count = int(original(self, group))
+        dg = self.DG
+        root = group[0].dep
+        outputs = dg.is_out_channel_pruning_fn(root.handler)
+        width = (dg.get_out_channels if outputs else dg.get_in_channels)(root.target.module)
+        for dep, _ in group:
+            module = dep.target.module
+            member_outputs = dg.is_out_channel_pruning_fn(dep.handler)
+            groups = (self.out_channel_groups if member_outputs
+                      else self.in_channel_groups).get(module)
+            own = (dg.get_out_channels if member_outputs else dg.get_in_channels)(module) \
+                if groups else None
+            if isinstance(width, int) and isinstance(own, int) and 0 < own < width \
+                    and width % own == 0:
+                count = max(count, groups * (width // own))
+        return count
+    return get
+
+
 # A group past either bound, per node of the dependency graph, has run away:
 _ENTRIES_PER_NODE = 64  # entries (a layer and the indices it loses)
 _INDICES_PER_NODE = 16384  # indices over all entries (a flatten multiplies them) ...
@@ -724,7 +754,16 @@ def _index_group_ops() -> None:
     group_class.add_and_merge = forgetting(group_class.add_and_merge)
 
 
+def _patch_channel_groups() -> None:
+    pruner_class = tp.pruner.BasePruner
+    if not getattr(pruner_class._get_channel_groups, "_fxgndi_patched", False):
+        pruner_class._get_channel_groups = _member_channel_groups(
+            pruner_class._get_channel_groups)
+        pruner_class._get_channel_groups._fxgndi_patched = True
+
+
 if tested_version():
+    _patch_channel_groups()
     _patch_index_mapping()
     _bound_group_building()
     _index_group_ops()

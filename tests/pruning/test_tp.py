@@ -218,10 +218,11 @@ class Res2Stage(nn.Module):
     the final concat. torch-pruning sized the pieces by its consumers in the order it met
     them ([12, 4, 4, 4] for four pieces of 4) and paired consumer i with piece i."""
 
-    def __init__(self) -> None:
+    def __init__(self, groups: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 16, 1)
-        self.convs = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+        self.convs = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1, groups=groups)
+                                   for _ in range(3))
         self.conv3, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -251,6 +252,23 @@ def test_a_split_into_equal_pieces_prunes_within_each_piece_as_zeroing():
     with torch.no_grad():
         torch.testing.assert_close(r.model(x), zeroed_output(
             model, x, outputs=removed_channels(model, r.kept)))
+
+
+def test_a_grouped_conv_on_a_split_piece_counts_its_groups_in_the_roots_channels():
+    torch.manual_seed(0)
+    model = Res2Stage(groups=2).eval()  # ResNeXt-style convs on the pieces
+    x = torch.randn(1, 3, 6, 6)
+    pruner = tp.pruner.BasePruner(model, x, importance=tp.importance.MagnitudeImportance(),
+                                  pruning_ratio=0.5, ignored_layers=[model.fc])
+    group = pruner.DG.get_pruning_group(model.conv1, tp.prune_conv_out_channels,
+                                        list(range(16)))
+    # each conv sees 4 of conv1's 16 channels in 2 groups: 8 blocks of 2 (torch-pruning: 2)
+    assert _tp.channel_groups(pruner, group) == 8
+    for g in pruner.step(interactive=True):
+        g.prune()  # raised IndexError in a piece conv's in-channel pruning before
+    assert model.conv1.out_channels == 8
+    for conv in model.convs:
+        assert conv.weight.shape[1] * conv.groups == conv.in_channels
 
 
 class WideFanOut(nn.Module):
