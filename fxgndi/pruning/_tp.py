@@ -439,7 +439,9 @@ def _exact_split_sizes(original: Callable) -> Callable:
     split came out [128, 32, 32, 32] for four pieces of 32 (the concat reading the last piece
     counted all of its inputs), and a rotary embedding's [None, None] made its split pruner
     raise ``TypeError: int + NoneType`` (DINOv3 ViTs). The pieces are ``split_size`` each, the
-    last one the remainder, along the saved dim. A split still sized only in part gets no
+    last one the remainder, for a split along channels (dim 1; along another dim exact sizes
+    let index maps through flattens that torch-pruning never made before: EfficientViT's
+    graph took 140 s instead of 0.8 s). A split still sized only in part gets no
     sizes (and no offsets): the pruner then leaves it as it is and no index map goes through
     it, as for any split along a dim other than channels."""
 
@@ -462,14 +464,15 @@ def _exact_split_sizes(original: Callable) -> Callable:
 
 
 def _split_pieces(grad_fn: Any) -> list[int] | None:
-    """The piece sizes of a split into equal pieces, from its autograd node (None for others)."""
+    """The piece sizes of a split into equal pieces along dim 1, from its autograd node (None
+    for other splits)."""
     size, dim = getattr(grad_fn, "_saved_split_size", None), getattr(grad_fn, "_saved_dim", None)
     shape = getattr(grad_fn, "_saved_self_sym_sizes", None)
     if not isinstance(size, int) or size <= 0 or not isinstance(dim, int) or not shape:
         return None
     dim = dim - 2 ** 64 if dim >= 2 ** 63 else dim  # saved as unsigned: -1 is 2 ** 64 - 1
-    if not -len(shape) <= dim < len(shape):
-        return None
+    if not -len(shape) <= dim < len(shape) or dim % len(shape) != 1:
+        return None  # sizes along channels (dim 1) only, as torch-pruning maps splits
     total = int(shape[dim])
     return [min(size, total - lo) for lo in range(0, total, size)]
 
