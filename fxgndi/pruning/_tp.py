@@ -159,12 +159,22 @@ def prune_group(group: Any) -> None:
             cut = cuts.setdefault(layer, (vectors, vectors[0][1].shape[0], set()))
             cut[2].update(int(i) for i in item.idxs)
     group.prune()
+    for layer, (vectors, width, gone) in cuts.items():
+        keep = torch.tensor([c for c in range(width) if c not in gone], dtype=torch.long)
+        for name, param in vectors:
+            setattr(layer, name, kept_parameter(param, keep))
+
+
+def kept_parameter(param: nn.Parameter, keep: torch.Tensor, dim: int = 0) -> nn.Parameter:
+    """A new parameter of ``param``'s entries ``keep`` along ``dim`` (same requires_grad).
+
+    Example:
+        >>> kept_parameter(nn.Parameter(torch.arange(4.)), torch.tensor([0, 3])).tolist()
+        [0.0, 3.0]
+    """
     with torch.no_grad():
-        for layer, (vectors, width, gone) in cuts.items():
-            keep = torch.tensor([c for c in range(width) if c not in gone], dtype=torch.long)
-            for name, param in vectors:
-                setattr(layer, name, nn.Parameter(param[keep.to(param.device)].clone(),
-                                                  requires_grad=param.requires_grad))
+        return nn.Parameter(param.index_select(dim, keep.to(param.device)).clone(),
+                            requires_grad=param.requires_grad)
 
 
 def traced_modules(dg: Any) -> Iterator[nn.Module]:
@@ -477,6 +487,18 @@ def _split_pieces(grad_fn: Any) -> list[int] | None:
     return [min(size, total - lo) for lo in range(0, total, size)]
 
 
+def _split_sizes(node: Any) -> list | None:
+    """The piece sizes torch-pruning holds for a split node (None for other nodes)."""
+    return getattr(node.module, "split_sizes", None) if node.type == tp.ops.OPTYPE.SPLIT \
+        else None
+
+
+def _pieces_read(node: Any, split: Any) -> set[int]:
+    """The pieces of ``split`` that ``node`` reads: the output numbers of its autograd edges to
+    the split's autograd node."""
+    return {nr for fn, nr in getattr(node.grad_fn, "next_functions", ()) if fn is split.grad_fn}
+
+
 def _split_piece_channels(original: Callable) -> Callable:
     """torch-pruning's recursive channel inference, with a split's reader given the size of
     the piece it reads. torch-pruning takes the size at the reader's position among the
@@ -490,10 +512,8 @@ def _split_piece_channels(original: Callable) -> Callable:
     def infer(graph: Any, node: Any, recursive_depth: list) -> Any:
         laid_out = []
         for split in node.inputs:
-            sizes = getattr(split.module, "split_sizes", None) \
-                if split.type == tp.ops.OPTYPE.SPLIT else None
-            pieces = {nr for fn, nr in getattr(node.grad_fn, "next_functions", ())
-                      if fn is split.grad_fn} if sizes else set()
+            sizes = _split_sizes(split)
+            pieces = _pieces_read(node, split) if sizes else set()
             if len(pieces) == 1 and min(pieces) < len(sizes):
                 laid_out.append((split, split.outputs))
                 split.outputs = [_NO_READER] * min(pieces) + [node]
@@ -519,12 +539,10 @@ def _pair_split_pieces(original: Callable) -> Callable:
 
     @functools.wraps(original)
     def update(graph: Any, split_node: Any) -> None:
-        sizes = getattr(split_node.module, "split_sizes", None) \
-            if split_node.type == tp.ops.OPTYPE.SPLIT else None
+        sizes = _split_sizes(split_node)
         readers: list[list[Any]] = [[] for _ in sizes or ()]
         for node in split_node.outputs if sizes else ():
-            pieces = {nr for fn, nr in getattr(node.grad_fn, "next_functions", ())
-                      if fn is split_node.grad_fn}
+            pieces = _pieces_read(node, split_node)
             if len(pieces) != 1 or not 0 <= min(pieces) < len(sizes):
                 readers = []
                 break

@@ -66,7 +66,7 @@ import torch.nn as nn
 import torch_pruning as tp
 from torchvision.models import maxvit, shufflenetv2, swin_transformer
 
-from fxgndi.pruning._tp import prunes_outputs, traced_modules
+from fxgndi.pruning._tp import kept_parameter, prunes_outputs, traced_modules
 
 
 class _Opaque(torch.autograd.Function):
@@ -320,8 +320,7 @@ class ChannelNormPruner(tp.BasePruningFunc):
         with torch.no_grad():
             for name, param in list(layer.named_parameters(recurse=False)):
                 if param.shape == (width,):
-                    setattr(layer, name, nn.Parameter(param[keep.to(param.device)].clone(),
-                                                      requires_grad=param.requires_grad))
+                    setattr(layer, name, kept_parameter(param, keep))
             for name, buffer in list(layer.named_buffers(recurse=False)):
                 if buffer is not None and buffer.shape == (width,):
                     setattr(layer, name, buffer[keep.to(buffer.device)].clone())
