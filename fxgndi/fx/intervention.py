@@ -102,7 +102,8 @@ class InterventionGraph(nn.Module):
         self._sites = sites
         self._index = {s.name: i for i, s in enumerate(sites)}
         self.baseline = "zero"  # the name of the baseline it was given, or "custom"
-        self._output_shapes: dict[tuple, tuple[int, ...]] = {}  # per-sample input -> output
+        # per-sample input shapes -> (per-sample shape of every site, of the output)
+        self._shapes: dict[tuple, tuple[dict[str, tuple[int, ...]], tuple[int, ...]]] = {}
         object.__setattr__(self, "model", model)  # a reference, not a registered submodule
 
     @property
@@ -154,7 +155,8 @@ class InterventionGraph(nn.Module):
         with observe(self) as seen, torch.no_grad():
             out = self(*inputs)
         self.record_shapes(seen)
-        self._output_shapes[_per_sample_shapes(inputs)] = tuple(out.shape[1:])
+        self._shapes[_per_sample_shapes(inputs)] = (
+            {name: tuple(h.shape[1:]) for name, h in seen.items()}, tuple(out.shape[1:]))
         return out
 
     def output_shape(self, x: torch.Tensor | Inputs) -> tuple[int, ...]:
@@ -166,11 +168,32 @@ class InterventionGraph(nn.Module):
             >>> g.output_shape(torch.randn(2, 1, 8, 8))
             (4, 6, 6)
         """
+        return self._shapes_for(x)[1]
+
+    def site_shapes(self, x: torch.Tensor | Inputs) -> dict[str, tuple[int, ...]]:
+        """The per-sample shape of every site's activation for inputs shaped like ``x`` (a
+        segmentation model's sites change with the image size), found as :meth:`output_shape`.
+
+        Example:
+            >>> g = intervene(nn.Sequential(nn.Conv2d(1, 4, 3)), sites="conv")
+            >>> g.site_shapes(torch.randn(2, 1, 8, 8)), g.site_shapes(torch.randn(2, 1, 5, 5))
+            ({'0': (4, 6, 6)}, {'0': (4, 3, 3)})
+        """
+        return self._shapes_for(x)[0]
+
+    def _shapes_for(self, x: torch.Tensor | Inputs
+                    ) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...]]:
         key = _per_sample_shapes((x,))
-        if key not in self._output_shapes:
-            with torch.no_grad():
-                self._output_shapes[key] = tuple(self(x[:1]).shape[1:])
-        return self._output_shapes[key]
+        if key not in self._shapes:
+            with observe(self) as seen, torch.no_grad():
+                out = self(x[:1])
+            missing = [s.name for s in self._sites if s.name not in seen]
+            if missing:
+                raise SiteSelectionError(f"site '{missing[0]}' was not reached by the forward "
+                                         "pass (dead branch?); choose other sites")
+            self._shapes[key] = ({name: tuple(h.shape[1:]) for name, h in seen.items()},
+                                 tuple(out.shape[1:]))
+        return self._shapes[key]
 
     def record_shapes(self, seen: Mapping[str, torch.Tensor]) -> None:
         """Set every site's shape (and resolved channel dim) from one batch's activations.
@@ -214,20 +237,31 @@ def _per_sample_shapes(inputs: tuple) -> tuple:
 
 
 @contextlib.contextmanager
-def observe(graph: InterventionGraph) -> Iterator[dict[str, torch.Tensor]]:
-    """Within the block, ``seen[name]`` holds the last activation that reached each site.
+def observe(graph: InterventionGraph, shifts: Mapping[str, torch.Tensor] | None = None
+            ) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, ``seen[name]`` holds the last activation that reached each site;
+    with ``shifts``, a site named there passes on its activation plus that tensor.
+
+    Adding a zero shift changes no value, but ``d out / d shift`` is the gradient at the
+    site's activation: what the reverse-mode tangents read (:mod:`fxgndi.gndi.tangents`).
 
     Example:
         >>> g = intervene(nn.Sequential(nn.Linear(2, 3)), sites="linear")
         >>> with observe(g) as seen: _ = g(torch.randn(5, 2))
         >>> seen["0"].shape
         torch.Size([5, 3])
+        >>> with observe(g, {"0": torch.ones(3)}): shifted = g(torch.zeros(1, 2))
+        >>> torch.equal(shifted, g(torch.zeros(1, 2)) + 1)
+        True
     """
     seen: dict[str, torch.Tensor] = {}
     handles = []
     for site in graph.sites:
         def hook(module, args, output, name=site.name):
             seen[name] = args[0]
+            if shifts is not None and name in shifts:
+                return output + shifts[name]
+            return None
         handles.append(graph.node(site.name).register_forward_hook(hook))
     try:
         yield seen

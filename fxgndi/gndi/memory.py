@@ -14,11 +14,12 @@ def plan_step(trial: Callable[[torch.Tensor, torch.Tensor | None, int], Any],
     """``(samples per piece, vmap chunk)`` that keep one step within ``budget`` bytes.
 
     ``trial(x, y, n)`` runs the step on ``n`` vmapped copies only. Memory on ``b`` samples
-    with a chunk of ``c`` copies is bounded by ``b * (fixed + c * per_copy)``, both measured
-    on one sample by :func:`created_bytes` (every tensor the step creates, counted as if none
-    were freed: an upper bound) with one and with two copies. ``copies`` caps the chunk
-    (outputs for reverse mode, units for forward mode and ablations); ``cost`` caches the
-    measurement (one per input shape and mode).
+    with a chunk of ``c`` copies is bounded by ``b * (single + (c - 1) * per_copy)``: ``single``
+    and ``single + per_copy`` are measured on one sample by :func:`created_bytes` (every tensor
+    the step creates, counted as if none were freed: an upper bound) with one and with two
+    copies (one copy runs without vmap in reverse mode, and costs less than the slope says).
+    ``copies`` caps the chunk (outputs for reverse mode, units for forward mode and
+    ablations); ``cost`` caches the measurement (one per input shape and mode).
     """
     if budget is None:
         return x.shape[0], chunk_size
@@ -26,16 +27,15 @@ def plan_step(trial: Callable[[torch.Tensor, torch.Tensor | None, int], Any],
         one = x[:1], None if y is None else y[:1]
         single = created_bytes(lambda: trial(*one, 1))
         per_copy = created_bytes(lambda: trial(*one, 2)) - single if copies > 1 else single
-        cost["per_copy"] = max(per_copy, 1)
-        cost["fixed"] = max(single - cost["per_copy"], 0)
-    fixed, per_copy = cost["fixed"], cost["per_copy"]
-    piece = min(x.shape[0], budget // (fixed + per_copy))
+        cost["single"], cost["per_copy"] = max(single, 1), max(per_copy, 1)
+    single, per_copy = cost["single"], cost["per_copy"]
+    piece = min(x.shape[0], budget // single)
     if piece < 1:
         raise ValueError(f"max_memory={budget / 2 ** 20:.0f} MiB is below the "
-                         f"{(fixed + per_copy) / 2 ** 20:.1f} MiB that one sample needs for "
+                         f"{single / 2 ** 20:.1f} MiB that one sample needs for "
                          f"inputs of shape {tuple(x.shape[1:])}: raise max_memory or use "
                          "smaller inputs")
-    fit = max(1, (budget // piece - fixed) // per_copy)
+    fit = 1 + max(0, (budget // piece - single) // per_copy)
     return piece, int(min(fit, copies, chunk_size or fit))
 
 

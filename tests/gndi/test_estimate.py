@@ -84,6 +84,41 @@ def test_reverse_tangents_through_an_lstm_match_finite_differences():
     assert torch.backends.mkldnn.enabled
 
 
+class Tokens(nn.Module):
+    """Linear layers over [B, N, C] tokens: their channels are the last dim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(torch.tanh(self.embed(x)))).mean(1))
+
+
+@pytest.mark.parametrize("granularity, baseline", [("layer", "mean"),
+                                                   ("channel", "channel-mean")])
+def test_reverse_tangents_toward_a_calibrated_baseline_on_last_dim_channels(granularity,
+                                                                            baseline):
+    torch.manual_seed(0)
+    model = Tokens().double().eval()
+    x = torch.randn(3, 5, 3, dtype=torch.float64)
+    g = fxgndi.intervene(model, "embed", granularity=granularity, baseline=baseline, data=[x])
+    b = g.node("embed").baseline
+    assert b is not None and b.abs().sum() > 0
+    with torch.no_grad():
+        tangent = reverse_tangents(g, x, None)["embed"]
+    if granularity == "layer":
+        fd = finite_difference(model, model.embed, x, lambda h: b - h)
+        torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-8)
+        return
+    assert tangent.shape == (3, 4, 2)
+    for c in range(4):
+        mask = torch.zeros(4, dtype=torch.float64)
+        mask[c] = 1
+        fd = finite_difference(model, model.embed, x, lambda h: (b - h) * mask)
+        torch.testing.assert_close(tangent[:, c], fd, rtol=1e-6, atol=1e-8)
+
+
 def test_score_is_the_mean_p_norm_of_the_tangent(tiny64):
     x = torch.randn(6, 2, 6, 6, dtype=torch.float64)
     fd = finite_difference(tiny64, tiny64.conv2, x, lambda h: -h)
