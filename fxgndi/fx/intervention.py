@@ -155,8 +155,7 @@ class InterventionGraph(nn.Module):
         with observe(self) as seen, torch.no_grad():
             out = self(*inputs)
         self.record_shapes(seen)
-        self._shapes[_per_sample_shapes(inputs)] = (
-            {name: tuple(h.shape[1:]) for name, h in seen.items()}, tuple(out.shape[1:]))
+        self._remember(_per_sample_shapes(inputs), seen, out)
         return out
 
     def output_shape(self, x: torch.Tensor | Inputs) -> tuple[int, ...]:
@@ -187,13 +186,19 @@ class InterventionGraph(nn.Module):
         if key not in self._shapes:
             with observe(self) as seen, torch.no_grad():
                 out = self(x[:1])
-            missing = [s.name for s in self._sites if s.name not in seen]
-            if missing:
-                raise SiteSelectionError(f"site '{missing[0]}' was not reached by the forward "
-                                         "pass (dead branch?); choose other sites")
-            self._shapes[key] = ({name: tuple(h.shape[1:]) for name, h in seen.items()},
-                                 tuple(out.shape[1:]))
+            self._check_reached(seen)
+            self._remember(key, seen, out)
         return self._shapes[key]
+
+    def _remember(self, key: tuple, seen: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
+        self._shapes[key] = ({name: tuple(h.shape[1:]) for name, h in seen.items()},
+                             tuple(out.shape[1:]))
+
+    def _check_reached(self, seen: Mapping[str, torch.Tensor]) -> None:
+        for site in self._sites:
+            if site.name not in seen:
+                raise SiteSelectionError(f"site '{site.name}' was not reached by the forward "
+                                         "pass (dead branch?); choose other sites")
 
     def record_shapes(self, seen: Mapping[str, torch.Tensor]) -> None:
         """Set every site's shape (and resolved channel dim) from one batch's activations.
@@ -204,10 +209,8 @@ class InterventionGraph(nn.Module):
             >>> g.record_shapes(seen); g.sites[0].channels
             3
         """
+        self._check_reached(seen)
         for site in self._sites:
-            if site.name not in seen:
-                raise SiteSelectionError(f"site '{site.name}' was not reached by the forward "
-                                         "pass (dead branch?); choose other sites")
             site.shape = tuple(seen[site.name].shape[1:])
             self.node(site.name).channel_dim = site.resolved_channel_dim()
 
