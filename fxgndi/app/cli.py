@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     bencher.add_argument("--warmup", type=int, default=3)
     bencher.add_argument("--repeat", type=int, default=20)
     bencher.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    bencher.add_argument("--system-heap", action="store_true",
+                         help=_SYSTEM_HEAP_HELP)
     bencher.add_argument("--plot", default=None, help="write a speed-up bar chart (PNG)")
 
     validator = _command(sub, "validate", _run_validate,
@@ -488,6 +490,11 @@ def _round_to(text: str) -> str | int | None:
                                          f"{text!r}") from None
 
 
+_SYSTEM_HEAP_HELP = ("time with glibc's page faults of fresh large tensors included (default: "
+                     "freed memory kept for reuse, readings that do not depend on the "
+                     "process's history; see fxgndi.core.heap)")
+
+
 def _latency_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("latency target (--target latency)")
     group.add_argument("--runtime", default="eager", choices=LATENCY_RUNTIMES,
@@ -495,6 +502,8 @@ def _latency_args(parser: argparse.ArgumentParser) -> None:
                             "program (pt2) or onnxruntime (onnx)")
     group.add_argument("--latency-batch", type=int, default=1, metavar="N",
                        help="the batch size the latency is measured at")
+    group.add_argument("--system-heap", action="store_true",
+                       help=_SYSTEM_HEAP_HELP)
 
 
 def _target(args):
@@ -502,7 +511,8 @@ def _target(args):
     if args.target != "latency":
         return args.target
     from fxgndi.deploy.latency import Latency
-    return Latency(runtime=args.runtime, batch_size=args.latency_batch)
+    return Latency(runtime=args.runtime, batch_size=args.latency_batch,
+                   steady_heap=not args.system_heap)
 
 
 def _run_prune(args) -> None:
@@ -721,7 +731,7 @@ def _run_bench(args) -> None:
     report = bench({args.model: model, **{path: path for path in args.pruned}},
                    input_shape=shape, batch_sizes=args.batch, device=args.device,
                    threads=args.threads, warmup=args.warmup, repeat=args.repeat,
-                   compile=args.compile, seed=args.seed)
+                   compile=args.compile, seed=args.seed, steady_heap=not args.system_heap)
     _emit(args, report)
 
 

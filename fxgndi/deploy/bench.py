@@ -24,13 +24,17 @@ after resetting it through ``/proc/self/clear_refs``; elsewhere ``resource.getru
 entry, glibc's free pages are handed back to the kernel (``malloc_trim``) so that memory freed by
 earlier entries and reused by this one is counted; memory other allocators keep (onnxruntime's
 arenas) is not counted again.
+
+Timing runs under :func:`fxgndi.core.heap.steady_heap` unless ``steady_heap=False``: freed
+memory stays in glibc's heap for reuse, as onnxruntime's arena keeps its own, so the eager and
+exported-to-torch rows do not pay (and do not vary with) page faults of fresh large tensors
+(36% of mobilenet_v2's eager time at batch 32 here); untimed rounds in that state come first,
+until one barely page-faults.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import os
 import resource
 import statistics
@@ -43,6 +47,7 @@ import torch
 import torch.nn as nn
 
 from fxgndi.core.cost import count_macs_params
+from fxgndi.core.heap import trim_free_memory
 from fxgndi.core.names import EXPORT_FORMATS
 from fxgndi.deploy.export import OnnxModule, artifact_info, export, format_of, load
 from fxgndi.deploy.latency import interleaved_seconds
@@ -154,7 +159,7 @@ def bench(models: Mapping[str, Any], *, input_shape: Sequence[int],
           batch_sizes: Sequence[int] = (1, 32), device: str | torch.device | None = None,
           threads: int | None = None, warmup: int = 3, repeat: int = 20,
           compile: bool = False, seed: int = 0, dense_exports: bool = True,
-          noisy_iqr: float = NOISY_IQR) -> BenchReport:
+          noisy_iqr: float = NOISY_IQR, steady_heap: bool = True) -> BenchReport:
     """Time each model on random inputs of ``(batch, *input_shape)`` for every batch size.
 
     Args:
@@ -179,6 +184,8 @@ def bench(models: Mapping[str, Any], *, input_shape: Sequence[int],
             compared with the first entry (the ``vs`` column says so).
         noisy_iqr: a row whose interquartile range exceeds this fraction of its median (or
             whose baseline's does) has the status ``"noisy: ..."``.
+        steady_heap: time with freed memory kept for reuse (:mod:`fxgndi.core.heap`);
+            False: as the process's allocator is, page faults included.
 
     MACs and params are torch-pruning's counts per sample: counted on the module for
     ``nn.Module`` entries, read from the record :func:`fxgndi.export` stores in an artifact
@@ -212,14 +219,14 @@ def bench(models: Mapping[str, Any], *, input_shape: Sequence[int],
             for batch in batch_sizes:
                 x = torch.randn([int(batch), *shape],
                                 generator=torch.Generator().manual_seed(seed))
-                measured = _measure(entries, x.to(dev), dev, warmup, repeat)
+                measured = _measure(entries, x.to(dev), dev, warmup, repeat, steady_heap)
                 for row, times in measured.values():
                     _compare(row, times, *measured[row.baseline], noisy_iqr)
                 rows.extend(row for row, _ in measured.values())
     settings = {"device": str(dev), "input_shape": shape, "batch_sizes": list(batch_sizes),
                 "threads": threads if threads is not None else torch.get_num_threads(),
                 "warmup": warmup, "repeat": repeat, "memory": _memory_method(dev),
-                "noisy_iqr": noisy_iqr, "torch": torch.__version__}
+                "noisy_iqr": noisy_iqr, "steady_heap": steady_heap, "torch": torch.__version__}
     return BenchReport(rows=rows, settings=settings)
 
 
@@ -393,7 +400,7 @@ def _session_runner(session: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _measure(entries: list[_Entry], x: torch.Tensor, device: torch.device, warmup: int,
-             repeat: int) -> dict[str, tuple[BenchRow, list[float]]]:
+             repeat: int, steady_heap: bool) -> dict[str, tuple[BenchRow, list[float]]]:
     """Each entry's row and timed seconds at one batch: every entry is warmed up on its own
     (its peak memory is read there), then all are timed in alternation (``repeat`` rounds in
     which each runs once) so that a change in the machine's speed falls on all alike."""
@@ -417,7 +424,8 @@ def _measure(entries: list[_Entry], x: torch.Tensor, device: torch.device, warmu
         row.peak_mem_mb = peak["mb"]
         ready.append(entry)
     timed = interleaved_seconds([lambda e=e: e.run(x) for e in ready], repeat=repeat,
-                                warmup=0, device=device) if ready else []
+                                warmup=0, device=device,
+                                steady_heap=steady_heap) if ready else []
     for entry, times in zip(ready, timed):
         row, _ = rows[entry.name] = (rows[entry.name][0], times)
         ms = sorted(t * 1e3 for t in times)
@@ -443,7 +451,7 @@ def _peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
         yield out
         out["mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
         return
-    _trim_free_memory()
+    trim_free_memory()
     if _can_reset_hwm():
         before = _status_kb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
@@ -454,23 +462,6 @@ def _peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
     before = _maxrss_kb()
     yield out
     out["mb"] = max(0, _maxrss_kb() - before) / 1024
-
-
-def _trim_free_memory() -> None:
-    """Returns glibc's free heap pages to the kernel: a freed block that stays resident would be
-    reused without any rise of the RSS. A no-op where libc has no ``malloc_trim``."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(ctypes.c_size_t(0))
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[..., Any] | None:
-    """glibc's ``malloc_trim`` from the process's own symbols, looked up once (None elsewhere)."""
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 def _can_reset_hwm() -> bool:

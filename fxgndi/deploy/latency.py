@@ -24,12 +24,19 @@ import torch
 import torch.nn as nn
 
 from fxgndi.core.checks import check_choice
+from fxgndi.core.heap import page_faults, steady_heap as kept_heap
 from fxgndi.core.names import LATENCY_RUNTIMES
 from fxgndi.core.runtime import device_of, eval_mode, torch_threads
 from fxgndi.core.streams import call_model
 
 RUNTIMES = LATENCY_RUNTIMES
 READINGS = 3  # a latency reading near its target is taken this often in all; the median decides
+# Under a steady heap, more untimed rounds until one page-faults less than STEADY_FAULTS pages
+# (4 MiB), at most STEADY_ROUNDS: the heap takes a few rounds to settle (glibc 2.36 places a
+# 64-byte-aligned block past a freed one of the same size until freed neighbours coalesce:
+# a 64 MiB block was faulted in anew on each of the first 1-5 calls, then never).
+STEADY_ROUNDS = 8
+STEADY_FAULTS = 1024
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,10 @@ class Latency:
         batch_size: the batch the model is timed on (the example input repeated).
         threads: torch / onnxruntime intra-op threads while timing (None: as they are).
         repeat, warmup: timed and untimed calls; the median of the timed ones is reported.
+        steady_heap: time with freed memory kept in the C heap for reuse
+            (:mod:`fxgndi.core.heap`; onnxruntime keeps its own arena either way): readings
+            that do not depend on the process's history. False: page faults of fresh large
+            tensors included, as a process with glibc's default settings pays them.
 
     Example:
         >>> Latency(runtime="eager", repeat=3).seconds(nn.Linear(4, 2), torch.zeros(1, 4)) > 0
@@ -53,6 +64,7 @@ class Latency:
     threads: int | None = None
     repeat: int = 5
     warmup: int = 1
+    steady_heap: bool = True
 
     def __post_init__(self) -> None:
         check_choice("runtime", self.runtime, RUNTIMES)
@@ -107,7 +119,8 @@ class Latency:
                     for i, model in enumerate(models)]
             return interleaved_seconds([lambda run=run: call_model(run, inputs) for run in runs],
                                        repeat=self.repeat, warmup=self.warmup,
-                                       threads=self.threads, device=device_of(models[0]))
+                                       threads=self.threads, device=device_of(models[0]),
+                                       steady_heap=self.steady_heap)
 
     def _runner(self, model: nn.Module, inputs: Any, stem: str) -> Callable[..., Any]:
         if self.runtime == "eager":
@@ -164,25 +177,29 @@ def confirmed(measure: Callable[[Any], float], target: float, *, near: float,
 
 
 def median_seconds(call: Callable[[], Any], *, repeat: int = 5, warmup: int = 1,
-                   threads: int | None = None, device: torch.device | None = None) -> float:
+                   threads: int | None = None, device: torch.device | None = None,
+                   steady_heap: bool = True) -> float:
     """Median wall time of ``call()`` over ``repeat`` timed calls after ``warmup`` untimed ones,
-    under ``torch.inference_mode`` (CUDA synchronised).
+    as :func:`interleaved_seconds` times them.
 
     Example:
         >>> median_seconds(lambda: time.sleep(0.01), repeat=3) >= 0.01
         True
     """
     (times,) = interleaved_seconds([call], repeat=repeat, warmup=warmup, threads=threads,
-                                   device=device)
+                                   device=device, steady_heap=steady_heap)
     return statistics.median(times)
 
 
 def interleaved_seconds(calls: Sequence[Callable[[], Any]], *, repeat: int = 5,
                         warmup: int = 1, threads: int | None = None,
-                        device: torch.device | None = None) -> list[list[float]]:
+                        device: torch.device | None = None,
+                        steady_heap: bool = True) -> list[list[float]]:
     """Wall times of ``repeat`` rounds in which every call runs once (the order reversed every
     other round), after ``warmup`` untimed rounds; under ``torch.inference_mode``, CUDA
-    synchronised around each call.
+    synchronised around each call, and (``steady_heap``, on CPU) with freed memory kept for
+    reuse (:func:`fxgndi.core.heap.steady_heap`; then, after the warm-up, untimed rounds
+    until one barely page-faults: at most ``STEADY_ROUNDS``).
 
     Example:
         >>> fast, slow = interleaved_seconds([lambda: None, lambda: time.sleep(0.01)], repeat=2)
@@ -192,10 +209,18 @@ def interleaved_seconds(calls: Sequence[Callable[[], Any]], *, repeat: int = 5,
     cuda = device is not None and device.type == "cuda"
     times: list[list[float]] = [[] for _ in calls]
     order = list(range(len(calls)))
-    with torch_threads(threads), torch.inference_mode():
+    on_cpu = device is None or device.type == "cpu"
+    with torch_threads(threads), kept_heap(steady_heap and on_cpu) as steady, \
+            torch.inference_mode():
         for _ in range(warmup):
             for call in calls:
                 call()
+        for _ in range(STEADY_ROUNDS if steady else 0):
+            before = page_faults()
+            for call in calls:
+                call()
+            if page_faults() - before < STEADY_FAULTS:
+                break
         for round_ in range(repeat):
             for i in (order if round_ % 2 == 0 else order[::-1]):
                 if cuda:

@@ -37,7 +37,8 @@ def layer_latencies(model: nn.Module, example_inputs: Any, latency: Latency) -> 
     seen = layer_inputs(model, repeat_batch(example_inputs, latency.batch_size))
     modules = dict(model.named_modules())
     return {name: median_seconds(lambda name=name: modules[name](x), repeat=latency.repeat,
-                                 warmup=latency.warmup, threads=latency.threads)
+                                 warmup=latency.warmup, threads=latency.threads,
+                                 steady_heap=latency.steady_heap)
             for name, (x, _) in seen.items()}
 
 

@@ -25,9 +25,10 @@ the groups that step where the search brackets the target more finely (to the ba
 all) and searches again; after a few tries it drops rounding altogether and says so in
 ``settings["rounding_dropped"]``.
 
-Timings are cached per machine (device name, runtime, threads, batch, dtype, torch version,
-layer shape, width) in ``$FXGNDI_CACHE/kernel_seconds.json`` (default ``~/.cache/fxgndi``),
-written atomically: a second prune on the same machine measures nothing it measured before.
+Timings are cached per machine (device name, runtime, threads, batch, heap setting, dtype,
+torch version, layer shape, width) in ``$FXGNDI_CACHE/kernel_seconds.json`` (default
+``~/.cache/fxgndi``), written atomically: a second prune on the same machine measures nothing
+it measured before.
 """
 
 from __future__ import annotations
@@ -248,8 +249,10 @@ class Rounder:
     def _key(self, kernel: nn.Module, x: torch.Tensor) -> str:
         lat = self.latency
         threads = lat.threads or torch.get_num_threads()
+        heap = "|steady-heap" if lat.steady_heap else ""
         return (f"{_device_name(x.device)}|{lat.runtime}|threads={threads}|batch={lat.batch_size}"
-                f"|{x.dtype}|torch={torch.__version__}|{kernel!r}|input={tuple(x.shape[1:])}")
+                f"{heap}|{x.dtype}|torch={torch.__version__}|{kernel!r}"
+                f"|input={tuple(x.shape[1:])}")
 
 
 def _layer_shapes(model: nn.Module, example: Any) -> dict[str, tuple[tuple[int, ...], ...]]:

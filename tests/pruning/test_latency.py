@@ -164,11 +164,12 @@ def test_alternated_calls_cancel_a_machine_that_slows_down(monkeypatch):
     from fxgndi.deploy import latency as latency_module
     machine = _DriftingMachine()
     monkeypatch.setattr(latency_module, "time", machine)
-    (apart_fast,) = interleaved_seconds([machine.call(1, 1)], repeat=4, warmup=0)
-    (apart_slow,) = interleaved_seconds([machine.call(2, 1)], repeat=4, warmup=0)
+    apart = dict(repeat=4, warmup=0, steady_heap=False)  # no settling round: calls counted
+    (apart_fast,) = interleaved_seconds([machine.call(1, 1)], **apart)
+    (apart_slow,) = interleaved_seconds([machine.call(2, 1)], **apart)
     assert statistics.median(apart_slow) / statistics.median(apart_fast) == pytest.approx(162)
     fast, slow = interleaved_seconds([machine.call(1, 2), machine.call(2, 2)], repeat=4,
-                                     warmup=1)
+                                     warmup=1, steady_heap=False)
     assert [b / a for a, b in zip(fast, slow)] == [2, 2, 2, 2]
     assert machine.calls == 4 + 4 + 2 * (4 + 1)  # one warm-up round, untimed
 
@@ -207,5 +208,6 @@ def test_a_model_with_several_inputs_is_timed_on_all_of_them_at_the_batch_asked_
     example = (torch.randn(1, 3, 6, 6), torch.randn(1, 5))
     table = layer_latencies(model, example, Latency(repeat=1, warmup=0, batch_size=3))
     assert set(table) == {"image", "vector"}
-    assert Latency(repeat=2, warmup=0, batch_size=3).seconds(model, example) > 0
+    assert Latency(repeat=2, warmup=0, batch_size=3, steady_heap=False
+                   ).seconds(model, example) > 0  # no settling round: the calls are counted
     assert seen == [[3, 3]] * 3  # the table's pass, then two timed calls: both inputs, batch 3
