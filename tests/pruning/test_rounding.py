@@ -67,11 +67,12 @@ def _widths(result) -> tuple[int, int]:
 def test_auto_picks_the_multiple_the_clock_makes_fastest(clock, tmp_path):
     clock(16)
     r = _prune(AutoRound(min_macs=0, cache=tmp_path / "k.json"))
-    # conv 0's group (conv 0 out, conv 2 in): per kept channel 24 (the base's) is slow (2x),
-    # 32 fast; 16 is the first multiple that gives 32. conv 2's group: every multiple gives 32,
-    # the base's (8): nothing to time.
+    # conv 0's group (conv 0 out, conv 2 in), 26 kept: the base's grid around it (24, 32) is
+    # slow at 24 (2x per channel), 16's (16, 32) fast throughout; 16 gives 32. conv 2's group,
+    # 31 kept: every multiple gives 32 here, but the base's grid is slow at 24, which a later
+    # ratio would reach: it is rounded to 16 too.
     assert _widths(r) == (32, 32)
-    assert r.settings["round_to"] == "auto" and r.settings["rounded"] == {"0": 16, "2": 8}
+    assert r.settings["round_to"] == "auto" and r.settings["rounded"] == {"0": 16, "2": 16}
     assert r.model(DATA[0][0]).shape == (4, 4)
 
 
@@ -151,13 +152,13 @@ def test_a_mac_target_is_met_with_auto_rounding(clock, tmp_path):
 
 def test_a_group_that_steps_past_the_target_is_left_unrounded(clock, tmp_path):
     """Conv 0's group rounded to 16 steps by 16 channels where the search brackets
-    0.5 of the MACs (unreachable within 0.02): it is left unrounded, conv 2's keeps its 8."""
+    0.5 of the MACs (unreachable within 0.02): it is left unrounded, conv 2's keeps its 16."""
     clock(16)
     r = fxgndi.prune(_net(), DATA, sparsity=0.5, target="macs", importance="l1", repair=False,
                      round_to=AutoRound(min_macs=0, cache=tmp_path / "k.json"))
     a, b = _widths(r)
     assert abs(1 - _macs(a, b) / _macs(40, 48) - 0.5) <= 0.02
-    assert r.settings["rounded"] == {"2": 8} and b % 8 == 0
+    assert r.settings["rounded"] == {"2": 16} and b % 16 == 0
     assert "rounding_dropped" not in r.settings
 
 
@@ -171,7 +172,8 @@ def test_depthwise_convs_are_timed_at_the_width_on_both_sides(clock, tmp_path):
                      repair=False, round_to=AutoRound(min_macs=0, cache=tmp_path / "k.json"))
     seen = {(k.groups, k.in_channels, k.out_channels, shape[1]) for k, shape in stand_in.kernels
             if k.groups > 1}
-    assert sorted(seen) == [(w, w, w, w) for w in (24, 32)]  # 26 wanted: the base's 24, 32
+    # 26 wanted: the base's grid around it (24, 32) and 16's (16, 32)
+    assert sorted(seen) == [(w, w, w, w) for w in (16, 24, 32)]
     assert r.model[1].groups == r.model[1].out_channels == 32
 
 
