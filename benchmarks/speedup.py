@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--compile", action="store_true", help="also time torch.compile (eager)")
+    p.add_argument("--system-heap", action="store_true",
+                   help="time (and search latency targets) with glibc's page faults of fresh "
+                        "large tensors included (default: a steady heap, fxgndi.core.heap)")
     p.add_argument("--smoke", action="store_true",
                    help="a seconds-long run: " + " ".join(SMOKE) + " (later options win)")
     p.add_argument("--json", default=None, metavar="PATH", help="write every measurement")
@@ -108,7 +111,8 @@ def _round_to(text: str) -> str | int | None:
 def measurement(args: argparse.Namespace) -> fxgndi.Latency:
     """The latency the latency target meets and round_to=auto times its kernels with."""
     return fxgndi.Latency(runtime=args.latency_runtime, batch_size=args.latency_batch,
-                          threads=args.threads, repeat=args.latency_repeat, warmup=1)
+                          threads=args.threads, repeat=args.latency_repeat, warmup=1,
+                          steady_heap=not args.system_heap)
 
 
 def prune(dense: torch.nn.Module, example: torch.Tensor, target: str,
@@ -166,7 +170,7 @@ def run_model(name: str, args: argparse.Namespace, folder: str) -> dict[str, Any
                 out.setdefault("export_errors", {})[key] = _reason(exc)
     report = fxgndi.bench(entries, input_shape=shape, batch_sizes=args.batches,
                           threads=args.threads, warmup=args.warmup, repeat=args.repeat,
-                          compile=args.compile,
+                          compile=args.compile, steady_heap=not args.system_heap,
                           dense_exports=False)  # the dense model is exported above
     out["rows"] = report.to_dict()["rows"]
     out["settings"] = report.settings

@@ -133,3 +133,17 @@ def test_speedup_smoke_runs_both_targets(tmp_path, capsys, monkeypatch):
     assert "pruned slower than dense:" in printed
     assert load("speedup").main(["--from-json", str(out), str(out)]) == 0  # runs nothing
     assert capsys.readouterr().out.count("| resnet18 | latency") == 2
+
+
+def test_heap_benchmark_times_each_setting_in_a_fresh_interpreter(capsys):
+    import platform
+
+    heap = load("heap")
+    rc = heap.main(["--models", "resnet18", "--batch", "1", "--image-size", "32",
+                    "--warmup", "0", "--repeat", "1"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    if platform.libc_ver()[0] == "glibc":
+        rows = [line for line in printed.splitlines() if line.startswith("| resnet18")]
+        assert [row.split("|")[2].strip() for row in rows] == list(heap.SETTINGS)
+        assert float(rows[0].split("|")[-2]) == 1.0  # system against itself
