@@ -3,13 +3,14 @@
 glibc's ``malloc`` serves every block above its mmap threshold (at most 32 MiB unless told
 otherwise) with fresh pages from the kernel and unmaps them when the block is freed. A model
 whose activations are that large therefore page-faults all of them in again on every call:
-measured here (2-core x86_64, torch 2.14.1, one thread, batch 32 at 112 px) that was 36% of
-mobilenet_v2's eager time (62k page faults, 92 of 253 ms in the kernel) and 27% of
-efficientnet_b0's, and a G-NDI scoring pass of a model with 50 MB feature maps ran 1.5x
-faster without it. Worse for a measurement, the cost falls on tensors above a size cliff that
-glibc moves with the process's history (its threshold rises to the largest block freed so far),
-so the same model timed in two processes, or minutes apart in one, reads tens of percent apart,
-and a pruned model whose activations fall under the cliff looks faster than its MACs say.
+measured here (2-core x86_64, torch 2.14.1, one thread, batch 32 at 112 px, a fresh process:
+``benchmarks/heap.py``) that was 43% of mobilenet_v2's eager time (82k page faults, 112 of 258
+ms in the kernel) and 35% of efficientnet_b0's, and a G-NDI scoring pass of a model with 50 MB
+feature maps ran 1.5x faster without it. Worse for a measurement, the cost falls on tensors
+above a size cliff that glibc moves with the process's history (its threshold rises to the
+largest block freed so far), so the same model timed in two processes, or minutes apart in one,
+reads tens of percent apart, and a pruned model whose activations fall under the cliff looks
+faster than its MACs say.
 
 :func:`steady_heap` raises the thresholds for the block, so that freed memory stays in the
 heap and is reused (what onnxruntime's arena, jemalloc and tcmalloc do), and on exit restores
@@ -65,7 +66,7 @@ def steady_heap(enabled: bool = True) -> Iterator[bool]:
         if _depth == 0:
             mallopt(_M_MMAP_THRESHOLD, _KEEP)
             mallopt(_M_TRIM_THRESHOLD, _KEEP)
-            mallopt(_M_TOP_PAD, _KEEP)
+            mallopt(_M_TOP_PAD, _KEEP)  # the heap grows once (address space), not per block
         _depth += 1
     try:
         yield True

@@ -28,7 +28,7 @@ arenas) is not counted again.
 Timing runs under :func:`fxgndi.core.heap.steady_heap` unless ``steady_heap=False``: freed
 memory stays in glibc's heap for reuse, as onnxruntime's arena keeps its own, so the eager and
 exported-to-torch rows do not pay (and do not vary with) page faults of fresh large tensors
-(36% of mobilenet_v2's eager time at batch 32 here); untimed rounds in that state come first,
+(43% of mobilenet_v2's eager time at batch 32 here); untimed rounds in that state come first,
 until one barely page-faults.
 """
 
