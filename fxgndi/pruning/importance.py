@@ -54,7 +54,6 @@ from tqdm.auto import tqdm
 
 from fxgndi.core.checks import check_choice, check_finite
 from fxgndi.core.errors import FxgndiError
-from fxgndi.core.heap import steady_heap
 from fxgndi.core.layers import in_width
 from fxgndi.core.moments import RunningMoments
 from fxgndi.core.names import BASELINES, DEFAULT_PROBES, PRUNE_MODES, READOUTS
@@ -584,7 +583,7 @@ class GroupEffectImportance(tp.importance.Importance):
                                max_batches=self.run.max_batches,
                                need_labels=self.readout in ("loss", "margin"),
                                why=f"readout '{self.readout}'", arity=graph.arity)
-        with eval_mode(graph), torch.no_grad(), steady_heap(self.run.max_memory is None):
+        with eval_mode(graph), torch.no_grad(), self.run.heap():
             for index, (x, y) in enumerate(tqdm(
                     batches, desc=f"{self.name} importance", disable=not self.run.progress,
                     total=batch_count(self.data, self.run.max_batches))):

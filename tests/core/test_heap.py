@@ -2,78 +2,95 @@
 
 The independent measure is the kernel's count of minor page faults (``getrusage``): a conv
 net at batch 16 on 192 px images makes three 75 MiB activations per call, about 129k pages of
-4 KiB, which glibc's default allocator maps afresh on every call.
+4 KiB, which glibc's default allocator maps afresh on every call. What glibc does outside the
+block depends on what the process allocated before, so each comparison runs in a fresh
+interpreter.
 """
 
+import json
 import platform
 import resource
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
-import torch.nn as nn
 
 from fxgndi.core.heap import steady_heap
-from fxgndi.deploy.latency import Latency
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
-FRESH = 50_000  # pages: well under the ~129k a call of _Counted faults in without reuse
+FRESH = 50_000  # pages: well under the ~129k a call faults in without reuse
 REUSED = 1_000  # pages: what a call may fault in once the heap is steady
 
+PRELUDE = """
+import json, resource, torch, torch.nn as nn
+from fxgndi.core.heap import steady_heap
+from fxgndi.deploy.latency import Latency
+torch.set_num_threads(1)
 
-def _faults() -> int:
+def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-
-class _Counted(nn.Module):
-    """A conv net with 75 MiB activations at batch 16, 192 px; records each call's faults."""
-
-    def __init__(self) -> None:
+class Counted(nn.Module):
+    def __init__(self):
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
                                  nn.Conv2d(32, 32, 3, padding=1), nn.ReLU())
-        self.faults: list[int] = []
+        self.faults = []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        before = _faults()
+    def forward(self, x):
+        before = faults()
         y = self.net(x)
-        self.faults.append(_faults() - before)
+        self.faults.append(faults() - before)
         return y
 
+net, x = Counted().eval(), torch.randn(16, 3, 192, 192)
 
-@pytest.fixture
-def net_and_batch():
-    torch.manual_seed(0)
-    return _Counted().eval(), torch.randn(16, 3, 192, 192)
-
-
-def _calls(net: _Counted, x: torch.Tensor, n: int) -> list[int]:
+def calls(n):
     with torch.inference_mode():
         for _ in range(n):
             net(x)
     return net.faults[-n:]
+"""
+
+
+def _fresh(body: str) -> dict:
+    """Run ``PRELUDE + body`` in a fresh interpreter; ``body`` prints one JSON line."""
+    code = PRELUDE + textwrap.dedent(body)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @glibc
-def test_activations_are_reused_inside_and_faulted_in_again_outside(net_and_batch):
-    net, x = net_and_batch
-    with steady_heap() as steady:
-        _calls(net, x, 3)  # the heap grows and settles
-        inside = _calls(net, x, 3)
-    outside = _calls(net, x, 3)
-    assert steady is True
-    assert max(inside) < REUSED
-    assert min(outside) > FRESH
+def test_activations_are_reused_inside_nested_blocks_and_faulted_in_before():
+    seen = _fresh("""
+        before = calls(3)
+        with steady_heap() as steady:
+            with steady_heap():
+                calls(3)  # the heap grows and settles
+                inner = calls(2)
+            after_inner = calls(2)  # the outer block still holds
+        print(json.dumps({"before": before, "steady": steady, "inner": inner,
+                          "after_inner": after_inner}))
+    """)
+    assert min(seen["before"]) > FRESH
+    assert seen["steady"] is True
+    assert max(seen["inner"] + seen["after_inner"]) < REUSED
 
 
 @glibc
-def test_nested_blocks_stay_steady_until_the_outermost_ends(net_and_batch):
-    net, x = net_and_batch
-    with steady_heap():
-        with steady_heap():
-            _calls(net, x, 3)
-        after_inner = _calls(net, x, 2)
-    assert max(after_inner) < REUSED
-    assert min(_calls(net, x, 2)) > FRESH
+def test_latency_times_without_page_faults_unless_asked():
+    seen = _fresh("""
+        Latency(batch_size=16, repeat=4, steady_heap=False).seconds(net, x[:1])
+        system = net.faults[-4:]  # the timed calls
+        Latency(batch_size=16, repeat=4).seconds(net, x[:1])
+        print(json.dumps({"system": system, "steady": net.faults[-4:]}))
+    """)
+    assert min(seen["system"]) > FRESH
+    assert max(seen["steady"]) < REUSED
 
 
 @glibc
@@ -91,13 +108,3 @@ def test_the_kept_memory_is_handed_back_on_exit():
 def test_disabled_it_does_nothing():
     with steady_heap(enabled=False) as steady:
         assert steady is False
-
-
-@glibc
-def test_latency_times_without_page_faults_unless_asked(net_and_batch):
-    net, x = net_and_batch
-    Latency(batch_size=16, repeat=4).seconds(net, x[:1])
-    steady = net.faults[-4:]  # the timed calls
-    Latency(batch_size=16, repeat=4, steady_heap=False).seconds(net, x[:1])
-    assert max(steady) < REUSED
-    assert min(net.faults[-4:]) > FRESH
