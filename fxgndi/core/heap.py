@@ -14,7 +14,8 @@ faster than its MACs say.
 
 :func:`steady_heap` raises the thresholds for the block, so that freed memory stays in the
 heap and is reused (what onnxruntime's arena, jemalloc and tcmalloc do), and on exit restores
-glibc's usual limits and returns the free pages to the kernel (:func:`trim_free_memory`).
+glibc's usual limits (or the process's own, where its environment set them) and returns the
+free pages to the kernel (:func:`trim_free_memory`).
 To get the same speed in a deployed process: ``MALLOC_MMAP_THRESHOLD_=1073741824
 MALLOC_TRIM_THRESHOLD_=1073741824 python serve.py`` (glibc's tunables), or preload jemalloc /
 tcmalloc. Elsewhere than glibc both functions do nothing.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import sys
 import threading
 from typing import Any, Iterator
@@ -32,13 +34,16 @@ from typing import Any, Iterator
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
-_KEEP = 1 << 30  # blocks up to 1 GiB come from the heap while steady
-# What glibc's own dynamic thresholds reach once a 32 MiB block has been freed (its maximum),
-# where a torch process with large tensors ends up anyway: restored on exit (mallopt cannot
-# read the values it replaces, nor switch the dynamic adjustment back on).
-_USUAL_MMAP = 32 << 20
-_USUAL_TRIM = 64 << 20
-_USUAL_TOP_PAD = 128 << 10  # glibc's DEFAULT_TOP_PAD
+_KEEP = 1 << 30  # blocks up to 1 GiB come from the heap while steady; the heap grows by as much
+# mallopt parameter -> (glibc's environment variable, its GLIBC_TUNABLES name, the value restored
+# when the process set neither). mallopt cannot read the values it replaces, nor switch glibc's
+# dynamic thresholds back on: the usual values are where those end once a 32 MiB block has been
+# freed (their maximum), as in any torch process with large tensors; the top pad is glibc's.
+_SETTINGS = {
+    _M_MMAP_THRESHOLD: ("MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold", 32 << 20),
+    _M_TRIM_THRESHOLD: ("MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold", 64 << 20),
+    _M_TOP_PAD: ("MALLOC_TOP_PAD_", "glibc.malloc.top_pad", 128 << 10),
+}
 
 _lock = threading.Lock()
 _depth = 0
@@ -64,9 +69,8 @@ def steady_heap(enabled: bool = True) -> Iterator[bool]:
         return
     with _lock:
         if _depth == 0:
-            mallopt(_M_MMAP_THRESHOLD, _KEEP)
-            mallopt(_M_TRIM_THRESHOLD, _KEEP)
-            mallopt(_M_TOP_PAD, _KEEP)  # the heap grows once (address space), not per block
+            for parameter in _SETTINGS:
+                mallopt(parameter, _KEEP)
         _depth += 1
     try:
         yield True
@@ -74,10 +78,23 @@ def steady_heap(enabled: bool = True) -> Iterator[bool]:
         with _lock:
             _depth -= 1
             if _depth == 0:
-                mallopt(_M_MMAP_THRESHOLD, _USUAL_MMAP)
-                mallopt(_M_TRIM_THRESHOLD, _USUAL_TRIM)
-                mallopt(_M_TOP_PAD, _USUAL_TOP_PAD)
+                for parameter in _SETTINGS:
+                    mallopt(parameter, _restored(parameter))
                 trim_free_memory()
+
+
+def _restored(parameter: int) -> int:
+    """The value ``parameter`` goes back to: the process's own setting, from the environment
+    glibc read it from (``GLIBC_TUNABLES`` first, then ``MALLOC_*_``), else the usual one: a
+    deployment started with the tunables this module recommends keeps them."""
+    variable, tunable, usual = _SETTINGS[parameter]
+    tunables = dict(item.split("=", 1) for item in os.environ.get("GLIBC_TUNABLES", "").split(":")
+                    if "=" in item)
+    value = tunables.get(tunable, os.environ.get(variable))
+    try:
+        return int(value, 0) if value is not None else usual
+    except ValueError:
+        return usual
 
 
 def page_faults() -> int:

@@ -108,3 +108,39 @@ def test_the_kept_memory_is_handed_back_on_exit():
 def test_disabled_it_does_nothing():
     with steady_heap(enabled=False) as steady:
         assert steady is False
+
+
+class _RecordingMallopt:
+    """Stands in for glibc's mallopt: records (parameter, value) calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, parameter: int, value: int) -> int:
+        self.calls.append((parameter, value))
+        return 1
+
+
+@pytest.mark.parametrize("environment, mmap_after", [
+    ({}, 32 << 20),  # glibc's dynamic threshold's maximum
+    ({"MALLOC_MMAP_THRESHOLD_": "1073741824"}, 1 << 30),  # the deployment recipe survives
+    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=5:glibc.malloc.mmap_threshold=7"}, 7),
+])
+def test_on_exit_the_processs_own_thresholds_come_back(monkeypatch, environment, mmap_after):
+    from fxgndi.core import heap
+
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                 "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    fake = _RecordingMallopt()
+    monkeypatch.setattr(heap, "_libc_function", lambda name: fake if name == "mallopt" else None)
+    with steady_heap() as steady:
+        with steady_heap():
+            pass
+        entered = list(fake.calls)  # nothing restored while the outer block holds
+    m_mmap_threshold = -3
+    assert steady is True
+    assert dict(entered) == {-1: 1 << 30, -2: 1 << 30, m_mmap_threshold: 1 << 30}
+    assert dict(fake.calls[len(entered):])[m_mmap_threshold] == mmap_after
