@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -43,6 +44,7 @@ from fxgndi.app.models import load_model
 from fxgndi.core.files import write_json
 from fxgndi.core.report import format_table, pyplot, save_figure
 from fxgndi.pruning.rounding import AutoRound
+from fxgndi.pruning.width import output_layers
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "convnext_tiny", "vit_b_16", "efficientnet_b0")
 RUNTIMES = {"eager": None, "pt2": ".pt2", "onnx": ".onnx"}
@@ -74,6 +76,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--compile", action="store_true", help="also time torch.compile (eager)")
+    p.add_argument("--keep-width", default=None, metavar="REGEX",
+                   help="layers (names, full match) whose output channels are not pruned, "
+                        "besides the output layers: e.g. the block outputs of inverted "
+                        "residuals, so that only their hidden channels are")
     p.add_argument("--system-heap", action="store_true",
                    help="time (and search latency targets) with glibc's page faults of fresh "
                         "large tensors included (default: a steady heap, fxgndi.core.heap)")
@@ -119,10 +125,14 @@ def prune(dense: torch.nn.Module, example: torch.Tensor, target: str,
           args: argparse.Namespace) -> Any:
     latency = measurement(args)
     round_to = AutoRound(latency=latency) if args.round_to == "auto" else args.round_to
+    ignored: Any = "auto"  # the layers producing the output keep their width
+    if args.keep_width:
+        ignored = output_layers(dense, example) + [
+            name for name, _ in dense.named_modules() if re.fullmatch(args.keep_width, name)]
     return fxgndi.prune(dense, [example], example_inputs=example,
                         target=latency if target == "latency" else target,
                         sparsity=args.sparsity, importance="l1", round_to=round_to,
-                        repair=False)  # shapes are what count
+                        ignored_layers=ignored, repair=False)  # shapes are what count
 
 
 def run_model(name: str, args: argparse.Namespace, folder: str) -> dict[str, Any]:
@@ -261,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"torch {torch.__version__}, {threads} threads, {args.image_size} px, batches "
               f"{args.batches}, {args.repeat} timed calls after {args.warmup} warm-up, "
               f"prune: targets {args.targets} sparsity={args.sparsity} importance=l1 round_to="
-              f"{args.round_to}, latency and rounding measured on {measurement(args)}")
+              f"{args.round_to}"
+              + (f", output width kept by layers matching {args.keep_width!r}"
+                 if args.keep_width else "")
+              + f", latency and rounding measured on {measurement(args)}")
     print(header, flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
