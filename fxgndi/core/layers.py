@@ -9,6 +9,7 @@ import torch.nn as nn
 LAYERS: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
 CONVS: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd,)
 BATCHNORMS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
+NORMS: tuple[type[nn.Module], ...] = (*BATCHNORMS, nn.LayerNorm, nn.GroupNorm)
 
 
 def is_layer(module: nn.Module) -> bool:
@@ -22,16 +23,21 @@ def is_layer(module: nn.Module) -> bool:
 
 
 def out_width(module: nn.Module) -> int:
-    """Output channels of a conv, features of a linear layer, features of a BatchNorm.
+    """Output channels of a conv, features of a linear layer, channels of a norm (BatchNorm,
+    GroupNorm, the last dim of a LayerNorm).
 
     Example:
-        >>> out_width(nn.Linear(3, 5)), out_width(nn.BatchNorm2d(7))
-        (5, 7)
+        >>> out_width(nn.Linear(3, 5)), out_width(nn.BatchNorm2d(7)), out_width(nn.LayerNorm(4))
+        (5, 7, 4)
     """
     if isinstance(module, nn.Linear):
         return module.out_features
     if isinstance(module, CONVS):
         return module.out_channels
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[-1]
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
     return module.num_features
 
 

@@ -42,9 +42,11 @@ def layer_latencies(model: nn.Module, example_inputs: Any, latency: Latency) -> 
             for name, (x, _) in seen.items()}
 
 
-def layer_inputs(model: nn.Module, inputs: Any) -> dict[str, tuple[torch.Tensor, tuple]]:
-    """Each conv / linear layer's input on its first call in ``model(inputs)``, and the shape
-    of its output (one hooked forward, eval mode, no gradients).
+def layer_inputs(model: nn.Module, inputs: Any, kinds: tuple[type[nn.Module], ...] = LAYERS
+                 ) -> dict[str, tuple[torch.Tensor, tuple]]:
+    """Each conv / linear layer's (each module of ``kinds``') input on its first call in
+    ``model(inputs)``, and the shape of its output (one hooked forward, eval mode, no
+    gradients).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -53,7 +55,7 @@ def layer_inputs(model: nn.Module, inputs: Any) -> dict[str, tuple[torch.Tensor,
         ((3, 4), (3, 2))
     """
     seen: dict[str, tuple[torch.Tensor, tuple]] = {}
-    names = {m: n for n, m in model.named_modules() if isinstance(m, LAYERS)}
+    names = {m: n for n, m in model.named_modules() if isinstance(m, kinds)}
 
     def hook(mod: nn.Module, args: tuple, out: Any) -> None:
         if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):

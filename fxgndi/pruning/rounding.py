@@ -25,32 +25,25 @@ the groups that step where the search brackets the target more finely (to the ba
 all) and searches again; after a few tries it drops rounding altogether and says so in
 ``settings["rounding_dropped"]``.
 
-Timings are cached per machine (device name, runtime, threads, batch, heap setting, dtype,
-torch version, layer shape, width) in ``$FXGNDI_CACHE/kernel_seconds.json`` (default
-``~/.cache/fxgndi``), written atomically: a second prune on the same machine measures nothing
-it measured before.
+Kernels are timed, and cached per machine, by :class:`fxgndi.pruning.kernels.KernelTimer`: a
+second prune on the same machine measures nothing it measured before.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import platform
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-import torch
+import torch  # noqa: F401 (the examples)
 import torch.nn as nn
 
-from fxgndi.core.files import cache_dir, write_json
-from fxgndi.core.layers import CONVS, LAYERS, in_width, out_width
+from fxgndi.core.layers import CONVS, LAYERS, in_width
 from fxgndi.deploy.latency import Latency, repeat_batch
 from fxgndi.pruning._tp import RoundLayer, group_modules
+from fxgndi.pruning.kernels import KernelTimer, macs_per_sample
 from fxgndi.pruning.latency import layer_inputs
 
-CACHE_NAME = "kernel_seconds.json"
 # Groups holding these keep their width: attention's embedding width must stay a multiple of its
 # head count, which a rounded width need not be (the MAC curve would jump where it is not).
 NEVER_ROUNDED = (nn.MultiheadAttention,)
@@ -120,17 +113,6 @@ def auto_round(round_to: Any) -> AutoRound | None:
     return None
 
 
-def default_cache() -> Path:
-    """The timing cache file: ``$FXGNDI_CACHE/kernel_seconds.json``, default under
-    ``~/.cache/fxgndi``.
-
-    Example:
-        >>> default_cache().name
-        'kernel_seconds.json'
-    """
-    return cache_dir() / CACHE_NAME
-
-
 class Rounder:
     """Chooses and remembers each group's multiple (:func:`callback` rounds with it), timing
     the kernels it needs through ``latency`` and the cache.
@@ -145,14 +127,10 @@ class Rounder:
     def __init__(self, model: nn.Module, example_inputs: Any, spec: AutoRound,
                  latency: Latency) -> None:
         self.spec = spec
-        self.latency = replace(latency, repeat=spec.repeat, warmup=1)
-        self.path = Path(spec.cache) if spec.cache is not None else default_cache()
-        self.shapes = _layer_shapes(model, example_inputs)  # name -> (input, output) per sample
+        self.timer = KernelTimer(replace(latency, repeat=spec.repeat, warmup=1), spec.cache)
+        self.shapes = layer_shapes(model, example_inputs)  # name -> (input, output) per sample
         self.decisions: dict[tuple[str, bool], int] = {}
-        self.measured = 0  # kernels timed (not found in the cache)
         self.enabled = True  # False: round nothing (prune drops rounding that misses a target)
-        self._times = _read(self.path)
-        self._new: dict[str, float] = {}
 
     @property
     def chosen(self) -> dict[str, int]:
@@ -213,12 +191,12 @@ class Rounder:
         grids = {m: g for m, g in grids.items() if g}
         layers = [(names[layer], layer, out) for layer, out in members
                   if isinstance(layer, LAYERS) and names.get(layer) in self.shapes]
-        if not grids or not layers or sum(_macs(layer, self.shapes[name][1])
+        if not grids or not layers or sum(macs_per_sample(layer, self.shapes[name][1])
                                           for name, layer, _ in layers) < self.spec.min_macs:
             return base
 
         def per_channel(widths: list[int]) -> float:
-            return sum(self.seconds(layer, self.shapes[name][0], out, width) / width
+            return sum(self.timer.resized_seconds(layer, self.shapes[name][0], out, width) / width
                        for width in widths for name, layer, out in layers) / len(widths)
 
         try:
@@ -232,38 +210,14 @@ class Rounder:
             return 1  # a layer its plain torch class cannot stand in for: left as it is
         return best
 
-    def seconds(self, layer: nn.Module, sample_shape: tuple[int, ...], outputs: bool,
-                width: int) -> float:
-        """Seconds of one call of a layer like ``layer`` with ``width`` output (``outputs``) or
-        input channels, on a batch of inputs shaped like ``sample_shape`` (from the cache when
-        this machine timed it before)."""
-        kernel, x = _resized(layer, sample_shape, outputs, width)
-        key = self._key(kernel, x)
-        if key not in self._times:
-            with torch.no_grad():
-                self._times[key] = self._new[key] = self.latency.seconds(kernel, x)
-            self.measured += 1
-        return self._times[key]
 
-    def save(self) -> None:
-        """Merge the new timings into the cache file (atomically; nothing when none is new)."""
-        if not self._new:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(self.path, {**_read(self.path), **self._new})
-        self._new = {}
+def layer_shapes(model: nn.Module, example: Any) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Per-sample input and output shapes of every conv / linear layer on ``example``.
 
-    def _key(self, kernel: nn.Module, x: torch.Tensor) -> str:
-        lat = self.latency
-        threads = lat.threads or torch.get_num_threads()
-        heap = "|steady-heap" if lat.steady_heap else ""
-        return (f"{_device_name(x.device)}|{lat.runtime}|threads={threads}|batch={lat.batch_size}"
-                f"{heap}|{x.dtype}|torch={torch.__version__}|{kernel!r}"
-                f"|input={tuple(x.shape[1:])}")
-
-
-def _layer_shapes(model: nn.Module, example: Any) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """Per-sample input and output shapes of every conv / linear layer on ``example``."""
+    Example:
+        >>> layer_shapes(nn.Sequential(nn.Linear(3, 2)), torch.zeros(5, 3))
+        {'0': ((3,), (2,))}
+    """
     return {name: (tuple(x.shape[1:]), out[1:])
             for name, (x, out) in layer_inputs(model, repeat_batch(example, 1)).items()}
 
@@ -303,57 +257,3 @@ def grid_widths(kept: int, multiple: int, channels: int) -> list[int]:
 def _grouped(layer: nn.Module) -> bool:
     """A grouped convolution that is not depthwise."""
     return isinstance(layer, CONVS) and 1 < layer.groups < in_width(layer)
-
-
-def _macs(layer: nn.Module, out_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one sample through ``layer`` (weights x output positions)."""
-    positions = math.prod(out_shape[1:]) if isinstance(layer, CONVS) else \
-        math.prod(out_shape[:-1])
-    return layer.weight.numel() * positions
-
-
-def _resized(layer: nn.Module, sample_shape: tuple[int, ...], outputs: bool, width: int
-             ) -> tuple[nn.Module, torch.Tensor]:
-    """A fresh layer like ``layer`` with ``width`` output (or input) channels, and an input
-    sample for it (a depthwise conv changes both)."""
-    ins, outs = in_width(layer), out_width(layer)
-    depthwise = isinstance(layer, CONVS) and layer.groups == ins == outs and ins > 1
-    if depthwise:
-        ins = outs = width
-    elif outputs:
-        outs = width
-    else:
-        ins = width
-    factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
-    if isinstance(layer, nn.Linear):
-        kernel: nn.Module = nn.Linear(ins, outs, bias=layer.bias is not None, **factory)
-        shape = (*sample_shape[:-1], ins)
-    else:  # the plain torch class (a subclass may take other arguments or compute more)
-        base = next(c for c in type(layer).__mro__ if c.__module__ == nn.Conv2d.__module__)
-        kernel = base(ins, outs, layer.kernel_size, stride=layer.stride, padding=layer.padding,
-                      dilation=layer.dilation, groups=width if depthwise else layer.groups,
-                      bias=layer.bias is not None, padding_mode=layer.padding_mode, **factory)
-        shape = (ins, *sample_shape[1:])
-    return kernel.eval(), torch.randn(1, *shape, **factory)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{device.type}:{name}"
-
-
-def _read(path: Path) -> dict[str, float]:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}  # no cache yet, or an unreadable one: it is measured again and rewritten
-    return {k: float(v) for k, v in data.items()} if isinstance(data, dict) else {}
