@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="kept channel counts: 'auto' (default) rounds each group to the "
                              "multiple its kernels measure fastest at, 'none' leaves them, N "
                              "keeps multiples of N")
+    pruner.add_argument("--allocate", default=None, choices=["uniform", "time"],
+                        help="how a MAC target is spread over the groups: 'time' tilts it "
+                             "toward the channels that cost the most time per MAC, timed on "
+                             "--runtime at --latency-batch; 'uniform' the same fraction of "
+                             "every group (default: prune's)")
     pruner.add_argument("--compensate", action="store_true",
                         help="fold removed channels' means into the consumers' biases")
     _repair_args(pruner)
@@ -496,7 +501,8 @@ _SYSTEM_HEAP_HELP = ("time with glibc's page faults of fresh large tensors inclu
 
 
 def _latency_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("latency target (--target latency)")
+    group = parser.add_argument_group("where time is measured (--target latency, --allocate "
+                                      "time)")
     group.add_argument("--runtime", default="eager", choices=LATENCY_RUNTIMES,
                        help="what the latency is measured on: the eager module, its torch.export "
                             "program (pt2) or onnxruntime (onnx)")
@@ -504,6 +510,17 @@ def _latency_args(parser: argparse.ArgumentParser) -> None:
                        help="the batch size the latency is measured at")
     group.add_argument("--system-heap", action="store_true",
                        help=_SYSTEM_HEAP_HELP)
+
+
+def _allocate(args) -> dict:
+    """prune's allocate: the Latency that --runtime / --latency-batch describe for 'time'."""
+    if args.allocate is None:
+        return {}
+    if args.allocate == "uniform":
+        return {"allocate": "uniform"}
+    from fxgndi.deploy.latency import Latency
+    return {"allocate": Latency(runtime=args.runtime, batch_size=args.latency_batch,
+                                steady_heap=not args.system_heap)}
 
 
 def _target(args):
@@ -523,7 +540,8 @@ def _run_prune(args) -> None:
     result = prune(model, data, sparsity=args.sparsity, target=_target(args),
                    importance=args.importance, global_pruning=args.global_pruning,
                    round_to=args.round_to, repair=_repair(args, compensate=args.compensate),
-                   seed=args.seed, progress=not args.quiet, **_trace_kwargs(args))
+                   seed=args.seed, progress=not args.quiet, **_allocate(args),
+                   **_trace_kwargs(args))
     _finish_pruning(args, model, data, result,
                     scored=args.importance in ("gndi", "ablation", "weight_taylor", "hessian"))
 

@@ -37,6 +37,8 @@ from fxgndi.pruning._tp import (RoundLayer, channel_groups, graph_of, make_prune
                                 prunes_inputs, prunes_outputs, runaway_roots)
 from fxgndi.pruning.compensate import compensate_group, consumer_input_means
 from fxgndi.deploy.latency import READINGS, Latency, confirmed, latency_target
+from fxgndi.pruning.allocation import time_allocation
+from fxgndi.pruning.kernels import KernelTimer
 from fxgndi.pruning.latency import PerLatency, layer_latencies
 from fxgndi.pruning.importance import (AblationImportance, GNDIImportance,
                                        GroupEffectImportance, check_importance_length)
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 IMPORTANCES = PRUNE_IMPORTANCES
+ALLOCATIONS = ("uniform", "time")
 TARGETS = PRUNE_TARGETS
 _TRACKED = (*LAYERS, *BATCHNORMS)
 _MAX_RATIO = 0.95  # torch-pruning refuses to empty a layer; the search stays below
@@ -64,6 +67,7 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
           importance: str | tp.importance.Importance = "gndi",
           ignored_layers: str | Sequence[nn.Module | str] | None = "auto",
           round_to: int | str | AutoRound | None = "auto", global_pruning: bool = False,
+          allocate: str | Latency = "time",
           iterative_steps: int = 1,
           tolerance: float | None = None, repair: Repair | dict[str, Any] | bool = True,
           inplace: bool = False, **run: Unpack[RunKwargs]) -> PruneResult:
@@ -103,6 +107,15 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
             (where rounded groups step past it together, some of them are pruned at a
             slightly higher ratio: ``settings["layer_ratios"]``).
             ``settings["rounded"]`` names the layers rounded and their multiple.
+        allocate: how a MAC target is spread over the groups of local pruning: ``"time"``
+            (default) tilts it toward the groups whose channels cost the most time per MAC
+            (depthwise convs and norms do), just enough that the time their kernels cost falls
+            as fast as the MACs, timed where ``round_to="auto"`` times (its ``AutoRound.latency``,
+            else the latency target's, else eager at batch 1; cached with its timings);
+            a :class:`fxgndi.Latency` times there; ``"uniform"``: every group loses the same
+            fraction of its channels. Not used for the other targets or with
+            ``global_pruning`` (:mod:`fxgndi.pruning.allocation`; ``settings["allocation"]``
+            has the tilt and each group's seconds-per-MAC weight).
         global_pruning, iterative_steps: as torch-pruning's ``BasePruner``.
         repair: what is done after removal so the pruned model computes what the dense one
             did: True (default: :class:`fxgndi.Repair`'s defaults, least-squares refits of the
@@ -144,6 +157,8 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
     target, latency = latency_target(target)
     tolerance = (0.05 if latency is not None else 0.02) if tolerance is None else tolerance
     _check_arguments(sparsity, target, importance, iterative_steps, tolerance)
+    if not isinstance(allocate, Latency):
+        check_choice("allocate", allocate, ALLOCATIONS)
     Ties(model, compensate=fixes.compensate)  # refuses, before any work, ties it cannot keep
     auto = auto_round(round_to)
     if auto is None:
@@ -171,12 +186,26 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
     ignored_names += [name for name in skipped if name != _UNTRACED and name not in ignored_names]
 
     layer_ratios: dict[str, float] = {}  # groups (by root layer) pruned at their own ratio
+    allocation = None
+    if allocate != "uniform" and target == "macs" and not global_pruning:
+        timer = rounder.timer if rounder is not None and not isinstance(allocate, Latency) \
+            else KernelTimer(replace(allocate if isinstance(allocate, Latency)
+                                     else latency or Latency(), warmup=1))
+        allocation = time_allocation(model, example, timer, lambda work, recorder: _prune_once(
+            work, data, example, recorder, 0.5, global_pruning=False, iterative_steps=1,
+            round_to=None, ignored=[work.get_submodule(n) for n in ignored_names],
+            compensate=False, max_batches=opts.max_batches, seed=opts.seed, widths=widths,
+            kept_params=kept_params), sparsity)
 
     def run_once(ratio: float, target_model: nn.Module | None = None, *,
                  between: bool = False, own: dict[str, float] | None = None
                  ) -> tuple[nn.Module, tuple]:
         work = target_model if target_model is not None else copy.deepcopy(model)
         own = layer_ratios if own is None else own
+        if allocation is not None:  # each group at its share of the search's ratio
+            own = {n: min(_MAX_RATIO, r) for n, r in {
+                **allocation.ratios(ratio),
+                **{n: allocation.ratio(n, r) for n, r in own.items()}}.items()}
         kept = _prune_once(work, data, example, scorer, ratio, global_pruning=global_pruning,
                            layer_ratios={work.get_submodule(n): r for n, r in own.items()},
                            iterative_steps=iterative_steps,
@@ -271,7 +300,7 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
     if inplace:
         pruned, kept = run_once(ratio, model, between=repair_between is not None)
     if rounder is not None:
-        rounder.save()
+        rounder.timer.save()
     if sparsity > 0 and all(len(kept[0].get(n, ())) == c for n, c in channels0.items()):
         why = {**skipped, **kept.skipped}
         warnings.warn(
@@ -293,6 +322,8 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
                 "round_to": "auto" if rounder is not None else round_to,
                 "rounded": rounder.chosen if rounder is not None else {},
                 "layer_ratios": dict(layer_ratios),
+                "allocation": {"tilt": allocation.tilt, "weights": allocation.weights}
+                if allocation is not None else None,
                 **({"rounding_dropped": "round_to='auto' made the target unreachable within "
                     "the tolerance; pruned without rounding"}
                    if rounder is not None and not rounder.enabled else {}),

@@ -143,7 +143,8 @@ def test_one_epoch_of_fine_tuning_ends_at_or_above_the_recalibrated_model(capsys
     epoch on the train split, measured on the held-out test split."""
     assert main(["prune", "--model", "digits-resnet18", "--data", "digits", "--sparsity",
                  "0.5", "--target", "macs", "--importance", "l1", "--finetune-epochs", "1",
-                 "--round-to", "none",  # widths fixed: the claim is about fine-tuning
+                 "--round-to", "none", "--allocate", "uniform",  # widths fixed: the claim
+                 # is about fine-tuning
                  "--quiet", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     accuracy = printed["accuracy"]
@@ -280,3 +281,16 @@ def test_round_to_takes_auto_none_or_an_integer():
     assert parse(["prune", "--model", "resnet18", "--round-to", "8"]).round_to == 8
     with pytest.raises(SystemExit):
         parse(["prune", "--model", "resnet18", "--round-to", "eight"])
+
+
+def test_prune_allocate_spreads_a_mac_target_by_time_or_uniformly(capsys):
+    settings = {}
+    for allocate in ("uniform", "time"):
+        assert main(["prune", *COMMON, "--sparsity", "0.5", "--target", "macs",
+                     "--importance", "l1", "--allocate", allocate, "--latency-batch", "2",
+                     "--json"]) == 0
+        settings[allocate] = json.loads(capsys.readouterr().out)["settings"]
+    assert settings["uniform"]["allocation"] is None
+    timed = settings["time"]["allocation"]
+    assert timed["tilt"] >= 0 and timed["weights"]  # every timed group has its weight
+    assert all(w >= 0 for w in timed["weights"].values())

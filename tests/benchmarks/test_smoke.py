@@ -121,18 +121,35 @@ def test_speedup_smoke_runs_both_targets(tmp_path, capsys, monkeypatch):
     assert load("speedup").main(["--smoke", "--threads", "1", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| resnet18 | macs" in printed and "| resnet18 | latency" in printed
+    assert "| resnet18 | macs-uniform" in printed
     (result,) = json.loads(out.read_text())["results"]
     macs, latency = result["targets"]["macs"], result["targets"]["latency"]
     assert macs["error"] is None and latency["error"] is None
-    assert 1 / 0.52 <= macs["macs_ratio"] <= 1 / 0.48
+    assert result["targets"]["macs-uniform"]["error"] is None
+    for target in ("macs", "macs-uniform"):
+        assert 1 / 0.52 <= result["targets"][target]["macs_ratio"] <= 1 / 0.48
     assert 1 / 0.55 <= latency["macs_ratio"] <= 1 / 0.45
     assert latency["latency"]["runtime"] == "eager" and latency["latency"]["batch_size"] == 1
     rows = {(r["name"], r["batch"]): r for r in result["rows"]}
-    assert set(rows) == {("dense eager", 1), ("macs eager", 1), ("latency eager", 1)}
+    assert set(rows) == {("dense eager", 1), ("macs eager", 1), ("macs-uniform eager", 1),
+                         ("latency eager", 1)}
     assert all(r["median_ms"] > 0 for r in rows.values())
     assert "pruned slower than dense:" in printed
     assert load("speedup").main(["--from-json", str(out), str(out)]) == 0  # runs nothing
     assert capsys.readouterr().out.count("| resnet18 | latency") == 2
+
+
+def test_digits_models_trains_and_saves_a_model_that_classifies(tmp_path, capsys):
+    load("digits_models").main(["--archs", "resnet18", "--image-size", "16", "--epochs", "2",
+                                "--out", str(tmp_path)])
+    assert "resnet18 at 16 px: test accuracy" in capsys.readouterr().out
+    import torchvision
+    from fxgndi.app.data import load_data
+    from fxgndi.pruning.finetune import evaluate
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(torch.load(tmp_path / "resnet18_16.pt", weights_only=True))
+    test = load_data("digits", split="test", batch_size=256, image_size=16)
+    assert evaluate(model.eval(), test)["accuracy"] > 0.5  # ten classes: chance is 0.1
 
 
 def test_heap_benchmark_times_each_setting_in_a_fresh_interpreter(capsys):

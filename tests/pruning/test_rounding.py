@@ -142,6 +142,7 @@ def _macs(c0: int, c2: int) -> int:
 def test_a_mac_target_is_met_with_auto_rounding(clock, tmp_path):
     clock(4)  # fine steps: rounding to 4 keeps the target reachable
     r = fxgndi.prune(_net(), DATA, sparsity=0.5, target="macs", importance="l1", repair=False,
+                     allocate="uniform",
                      round_to=AutoRound(multiples=(4,), base=4, min_macs=0,
                                         cache=tmp_path / "k.json"))
     a, b = _widths(r)
@@ -155,6 +156,7 @@ def test_a_group_that_steps_past_the_target_is_left_unrounded(clock, tmp_path):
     0.5 of the MACs (unreachable within 0.02): it is left unrounded, conv 2's keeps its 16."""
     clock(16)
     r = fxgndi.prune(_net(), DATA, sparsity=0.5, target="macs", importance="l1", repair=False,
+                     allocate="uniform",
                      round_to=AutoRound(min_macs=0, cache=tmp_path / "k.json"))
     a, b = _widths(r)
     assert abs(1 - _macs(a, b) / _macs(40, 48) - 0.5) <= 0.02
@@ -196,6 +198,7 @@ def test_groups_that_step_together_are_split_across_the_bracket(clock, tmp_path)
     layers = [nn.Conv2d(3, 64, 1)] + [nn.Conv2d(64, 64, 1) for _ in range(5)]
     net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4)).eval()
     r = fxgndi.prune(net, DATA, sparsity=0.5, target="macs", importance="l1", repair=False,
+                     allocate="uniform",
                      round_to=AutoRound(min_macs=0, cache=tmp_path / "k.json"))
     widths = [r.model[i].out_channels for i in range(6)]
     positions = 64
