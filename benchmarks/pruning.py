@@ -118,6 +118,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     test = load_data(args.data, split="test", batch_size=256, limit=args.test_limit,
                      image_size=args.image_size)
     dense = evaluate(model, test)
+    timing = Latency(batch_size=args.latency_batch, threads=1, repeat=7)
+    example = next(iter(score_data))[0][:1]
     rows: list[dict[str, Any]] = []
     for name in args.criteria:
         criterion = CRITERIA[name]
@@ -131,7 +133,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                       importance=scorer,
                       repair={"compensate": criterion.compensate, "reconstruct": False,
                               "recalibrate_bn": False},
-                      global_pruning=args.global_pruning, round_to=args.round_to)
+                      global_pruning=args.global_pruning, round_to=args.round_to,
+                      allocate=Latency(batch_size=args.latency_batch, threads=1)
+                      if args.allocate == "time" else "uniform")
             seconds = time.perf_counter() - start
             row = {"criterion": name, "reduction": factor,
                    "macs_kept": r.macs_after / r.macs_before,
@@ -139,6 +143,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                    "channel_ratio": r.pruning_ratio, "seconds": seconds,
                    "round_to": r.settings["round_to"], "rounded": len(r.settings["rounded"]),
                    "speedup": 1 / r.settings["latency"]["ratio"] if "latency" in r.settings
+                   else 1 / timing.ratio(r.model, model, example) if args.time
                    else float("nan"),
                    "score_seconds": getattr(scorer, "seconds", float("nan")) - scored,
                    "acc": evaluate(r.model, test)["accuracy"]}
@@ -284,6 +289,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="what the points reduce: MACs (default) or eager latency")
     parser.add_argument("--latency-batch", type=int, default=32,
                         help="the batch --target latency times on (one thread)")
+    parser.add_argument("--allocate", default="uniform", choices=["uniform", "time"],
+                        help="how a MAC target is spread over the groups: uniform (default "
+                             "here: the criteria's tables were measured so) or time (prune's "
+                             "default, timed at --latency-batch)")
+    parser.add_argument("--time", action="store_true",
+                        help="also time every pruned model against the dense one (speed-up "
+                             "at --latency-batch, eager, one thread)")
     parser.add_argument("--round-to", type=_round_to, default="auto", metavar="auto|none|N",
                         help="prune's round_to (default auto; none: no rounding)")
     parser.add_argument("--normalizer", default=None,

@@ -9,18 +9,20 @@
 Each torchvision model (``weights=None``: latency does not depend on the weights' values) is
 pruned by ``fxgndi.prune(model, ..., sparsity=0.5, importance="l1")`` with the library's
 defaults (``round_to="auto"``; ``--round-to 8`` or ``none`` forces a multiple or none) to each
-target asked for: ``macs`` (half the MACs) and ``latency`` (half the latency, measured by
+target asked for: ``macs`` (half the MACs, spread over the groups by their time:
+``allocate="time"``), ``macs-uniform`` (half the MACs, the same fraction of every group:
+``allocate="uniform"``) and ``latency`` (half the latency), all measured by
 ``fxgndi.Latency(runtime=--latency-runtime, batch_size=--latency-batch, threads=--threads)``,
-the same measurement ``round_to="auto"`` times its kernels with). The importance only decides
-*which* channels are kept; the pruned shapes, and so the speed, are the same for any importance
-at the same MAC target, and L1 needs no data. The dense and the pruned models are then timed by
-:func:`fxgndi.bench` on the same random inputs: eagerly, as ``torch.export`` programs (``.pt2``,
-loaded back from disk), on onnxruntime (``.onnx``) and, with ``--compile``, through
-``torch.compile`` (a row says why where it does not work), each at every batch size. The table
-gives, per target, runtime and batch, the pruned model's speed-up over the dense one *in the same
-runtime*, next to the MAC ratio (dense MACs / pruned MACs, torch-pruning's count): a speed-up
-below the MAC ratio is overhead that pruning does not remove (memory traffic, per-op dispatch,
-ops whose cost does not scale with width).
+the same measurement ``round_to="auto"`` and the allocation time their kernels with. The
+importance only decides *which* channels are kept; the pruned shapes, and so the speed, are the
+same for any importance at the same MAC target, and L1 needs no data. The dense and the pruned
+models are then timed by :func:`fxgndi.bench` on the same random inputs: eagerly, as
+``torch.export`` programs (``.pt2``, loaded back from disk), on onnxruntime (``.onnx``) and,
+with ``--compile``, through ``torch.compile`` (a row says why where it does not work), each at
+every batch size. The table gives, per target, runtime and batch, the pruned model's speed-up
+over the dense one *in the same runtime*, next to the MAC ratio (dense MACs / pruned MACs,
+torch-pruning's count): a speed-up below the MAC ratio is overhead that pruning does not remove
+(memory traffic, per-op dispatch, ops whose cost does not scale with width).
 
 A model that fails to prune, export or run gets a row saying so, and the others go on.
 """
@@ -48,7 +50,8 @@ from fxgndi.pruning.width import output_layers
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "convnext_tiny", "vit_b_16", "efficientnet_b0")
 RUNTIMES = {"eager": None, "pt2": ".pt2", "onnx": ".onnx"}
-TARGETS = ("macs", "latency")
+# macs: prune's defaults (allocate="time"); macs-uniform: every group the same fraction
+TARGETS = ("macs", "macs-uniform", "latency")
 SMOKE = ["--models", "resnet18", "--image-size", "32", "--batches", "1", "--runtimes", "eager",
          "--repeat", "1", "--warmup", "0", "--latency-repeat", "1"]
 
@@ -130,7 +133,8 @@ def prune(dense: torch.nn.Module, example: torch.Tensor, target: str,
         ignored = output_layers(dense, example) + [
             name for name, _ in dense.named_modules() if re.fullmatch(args.keep_width, name)]
     return fxgndi.prune(dense, [example], example_inputs=example,
-                        target=latency if target == "latency" else target,
+                        target=latency if target == "latency" else "macs",
+                        allocate="uniform" if target == "macs-uniform" else latency,
                         sparsity=args.sparsity, importance="l1", round_to=round_to,
                         ignored_layers=ignored, repair=False)  # shapes are what count
 
