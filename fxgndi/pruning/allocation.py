@@ -1,4 +1,5 @@
-"""How a MAC budget is spread over the groups of local pruning: each group's own ratio.
+"""How a MAC (or latency) budget is spread over the groups of local pruning: each group's own
+ratio.
 
 Local pruning removes the same fraction of every group's channels, so a MAC cut falls on the
 groups in proportion to their MACs. Time does not follow MACs: a pointwise conv's MACs fall
@@ -18,7 +19,9 @@ prediction: every conv / linear layer, norm and activation module timed alone
 (:func:`~fxgndi.pruning.kernels.scaling_seconds`: the seconds that go with the product of its
 kept fractions, compute, and with each of them, memory), plus the rest of the whole model's
 measured time, which no channel costs. Uniform (no tilt) where uniform pruning already does
-that. Which channels of a group go is still the importance's choice.
+that. A latency target uses the same allocation (its tilt computed for a MAC cut of its
+sparsity), so that its time falls with far fewer MACs removed. Which channels of a group go is
+still the importance's choice.
 """
 
 from __future__ import annotations

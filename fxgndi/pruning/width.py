@@ -107,15 +107,16 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
             (where rounded groups step past it together, some of them are pruned at a
             slightly higher ratio: ``settings["layer_ratios"]``).
             ``settings["rounded"]`` names the layers rounded and their multiple.
-        allocate: how a MAC target is spread over the groups of local pruning: ``"time"``
-            (default) tilts it toward the groups whose channels cost the most time per MAC
-            (depthwise convs and norms do), just enough that the time their kernels cost falls
-            as fast as the MACs, timed where ``round_to="auto"`` times (its ``AutoRound.latency``,
-            else the latency target's, else eager at batch 1; cached with its timings);
-            a :class:`fxgndi.Latency` times there; ``"uniform"``: every group loses the same
-            fraction of its channels. Not used for the other targets or with
-            ``global_pruning`` (:mod:`fxgndi.pruning.allocation`; ``settings["allocation"]``
-            has the tilt and each group's seconds-per-MAC weight).
+        allocate: how a MAC or latency target is spread over the groups of local pruning:
+            ``"time"`` (default) tilts it toward the groups whose channels cost the most time
+            per MAC (depthwise convs, norms, activations), by the least tilt at which the
+            model's predicted time falls as fast as its MACs (a latency target then halves the
+            time removing far fewer MACs), timed where ``round_to="auto"`` times (its
+            ``AutoRound.latency``, else the latency target's, else eager at batch 1; cached
+            with its timings); a :class:`fxgndi.Latency` times there; ``"uniform"``: every
+            group loses the same fraction of its channels. Not used for the channel and
+            parameter targets or with ``global_pruning`` (:mod:`fxgndi.pruning.allocation`;
+            ``settings["allocation"]`` has the tilt and each group's weight).
         global_pruning, iterative_steps: as torch-pruning's ``BasePruner``.
         repair: what is done after removal so the pruned model computes what the dense one
             did: True (default: :class:`fxgndi.Repair`'s defaults, least-squares refits of the
@@ -187,7 +188,7 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
 
     layer_ratios: dict[str, float] = {}  # groups (by root layer) pruned at their own ratio
     allocation = None
-    if allocate != "uniform" and target == "macs" and not global_pruning:
+    if allocate != "uniform" and not global_pruning and (target == "macs" or latency is not None):
         timer = rounder.timer if rounder is not None and not isinstance(allocate, Latency) \
             else KernelTimer(replace(allocate if isinstance(allocate, Latency)
                                      else latency or Latency(), warmup=1))

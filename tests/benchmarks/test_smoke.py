@@ -173,7 +173,7 @@ def test_speedup_keep_width_keeps_the_matching_layers_and_the_output_layers():
     args = speedup.parse_args(speedup.SMOKE + ["--keep-width", r"layer1\.0\.conv1"])
     args.latency_batch = 1
     dense = torchvision.models.resnet18(weights=None).eval()
-    pruned = speedup.prune(dense, torch.randn(1, 3, 32, 32), "macs", args).model
+    pruned = speedup.prune(dense, torch.randn(1, 3, 32, 32), "macs-uniform", args).model
     assert pruned.layer1[0].conv1.out_channels == 64  # kept, as asked
     assert pruned.fc.out_features == 1000  # the output layer, kept as by default
     assert pruned.layer2[0].conv1.out_channels < 128  # the rest is pruned

@@ -227,3 +227,21 @@ def test_a_norm_stands_in_at_another_width_for_its_first_channels(norm, shape):
     if isinstance(norm, nn.BatchNorm2d):
         assert torch.allclose(out, norm(full_x)[:, :6], atol=1e-6)
     assert math.isfinite(out.sum().item())
+
+
+def test_a_latency_target_is_met_with_fewer_macs_removed(clock, monkeypatch):
+    """The stand-in clock times whole models too (Latency.times): halving it by time removes
+    fewer MACs than halving it uniformly, and both meet the latency within its 5%."""
+    monkeypatch.setattr(Latency, "times", lambda self, models, x: [
+        [_seconds(m, x)] * self.repeat for m in models])
+    results = {}
+    dense = Inverted()
+    for allocate in ("uniform", "time"):
+        torch.manual_seed(0)
+        x = torch.randn(2, 3, SIZE, SIZE)
+        results[allocate] = fxgndi.prune(
+            Inverted().eval(), [(x, torch.zeros(2, dtype=torch.long))], sparsity=0.5,
+            target=Latency(), importance="l1", round_to=None, repair=False, allocate=allocate)
+    for r in results.values():
+        assert abs(_model_time(r.model) / _model_time(dense) - 0.5) <= 0.05
+    assert _macs(results["time"].model) > _macs(results["uniform"].model) * 1.05
