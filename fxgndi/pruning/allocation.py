@@ -228,9 +228,10 @@ def time_allocation(model: nn.Module, example_inputs: Any, timer: KernelTimer,
     """The :func:`balance` of ``model``'s groups for a cut of ``sparsity`` of its MACs:
     ``dry_run(copy, recorder)`` (a pruning run of a copy of ``model`` with a
     :class:`GroupRecorder` as importance) lists them; ``timer`` times every conv / linear
-    layer and norm, at full width and at half of each side a group cuts, on inputs shaped as
-    in ``model(example_inputs)``. A dispatch-bound kernel (less work per call than
-    :data:`~fxgndi.pruning.kernels.DISPATCH_BOUND`) is not timed.
+    layer, norm and activation module (:func:`elementwise_calls`), at full width and at half
+    of each side a group cuts, on inputs shaped as in ``model(example_inputs)``, and the whole
+    model, whose time beyond theirs is fixed. A dispatch-bound kernel (less work per call than
+    :data:`~fxgndi.pruning.kernels.DISPATCH_BOUND`) is not timed; with none timed, uniform.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
