@@ -56,7 +56,6 @@ class KernelTimer:
     def __init__(self, latency: Latency, cache: str | Path | None = None) -> None:
         self.latency = latency
         self.path = Path(cache) if cache is not None else default_cache()
-        self.measured = 0  # kernels timed (not found in the cache)
         self._times = _read(self.path)
         self._new: dict[str, float] = {}
 
@@ -68,7 +67,6 @@ class KernelTimer:
         if key not in self._times:
             with torch.no_grad():
                 self._times[key] = self._new[key] = self.latency.seconds(kernel, x)
-            self.measured += 1
         return self._times[key]
 
     def resized_seconds(self, layer: nn.Module, sample_shape: tuple[int, ...], outputs: bool,

@@ -157,9 +157,7 @@ def prune(model: nn.Module, data: Iterable, *, sparsity: float = 0.5,
     fixes = as_repair(repair)
     target, latency = latency_target(target)
     tolerance = (0.05 if latency is not None else 0.02) if tolerance is None else tolerance
-    _check_arguments(sparsity, target, importance, iterative_steps, tolerance)
-    if not isinstance(allocate, Latency):
-        check_choice("allocate", allocate, ALLOCATIONS)
+    _check_arguments(sparsity, target, importance, iterative_steps, tolerance, allocate)
     Ties(model, compensate=fixes.compensate)  # refuses, before any work, ties it cannot keep
     auto = auto_round(round_to)
     if auto is None:
@@ -749,7 +747,7 @@ def _check_runs(model: nn.Module, example: Any, untraceable: bool = False) -> No
 
 
 def _check_arguments(sparsity: float, target: str, importance: Any, steps: int,
-                     tolerance: float) -> None:
+                     tolerance: float, allocate: Any) -> None:
     check_fraction("sparsity", sparsity, f", the fraction of {target} to remove (e.g. "
                    "sparsity=0.5 removes half)")
     check_choice("target", target, TARGETS)
@@ -761,6 +759,8 @@ def _check_arguments(sparsity: float, target: str, importance: Any, steps: int,
     if steps < 1:
         raise ValueError(f"iterative_steps must be >= 1, not {steps}")
     check_fraction("tolerance", tolerance)
+    if not isinstance(allocate, Latency):
+        check_choice("allocate", allocate, ALLOCATIONS)
 
 
 def _cuda(model: nn.Module) -> list[torch.device]:
